@@ -3,6 +3,17 @@ import os
 import sys
 from pathlib import Path
 
+# Triton kernels run on CPU tensors through the interpreter. The flag is read when a kernel is *defined*, so it
+# must be set before any test module imports msda_triton (collection imports every module first).
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _t
+
+        if not _t.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except Exception:
+        pass
+
 import pytest
 import torch
 
