@@ -1,0 +1,249 @@
+"""
+Evaluation metrics for the downstream tasks, numpy in and numpy out, shared by finetune_seg.py, linear_probe.py
+and the experiments that compare them.
+
+- segmentation (per class of an integer label map): `dice`, `hd95` (Hausdorff 95 in mm, as MONAI computes it)
+- classification: `accuracy`, `confusion_matrix`, `f1_macro`, `roc_auc`, `macro_auc`
+- statistics over cases: `bootstrap_ci` (percentile bootstrap of a mean), `wilcoxon` (paired signed-rank test)
+
+Segmentation metrics skip class 0 (background) and return an array of length num_classes - 1 whose entry i is
+class i + 1. An undefined value is NaN, so `np.nanmean` over cases aggregates the defined ones; each function
+says when it returns NaN. Inputs may be numpy arrays, lists or CPU torch tensors (anything np.asarray takes);
+label maps may be float (as `nibabel`'s get_fdata returns them) as long as every value is a whole number.
+"""
+
+import numpy as np
+from scipy import ndimage, stats
+
+
+# -----------------------------------------------------------------------------
+# input checks
+
+
+def _as_labels(x, name: str, num_classes: int | None = None) -> np.ndarray:
+    """x as an int64 array of class indices, checked to lie in [0, num_classes)."""
+    x = np.asarray(x)
+    if x.dtype.kind == "f":
+        if not np.all(np.isfinite(x) & (x == np.round(x))):
+            raise ValueError(f"{name} must hold whole-number class indices, got non-integer values")
+    elif x.dtype.kind not in "iub":
+        raise ValueError(f"{name} must hold integer class indices, got dtype {x.dtype}")
+    x = x.astype(np.int64)
+    if num_classes is not None and x.size and (x.min() < 0 or x.max() >= num_classes):
+        raise ValueError(f"{name} has values in [{x.min()}, {x.max()}], outside [0, {num_classes})")
+    return x
+
+
+def _same_shape(a: np.ndarray, b: np.ndarray, names: str = "pred and label") -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{names} must have the same shape, got {a.shape} and {b.shape}")
+
+
+# -----------------------------------------------------------------------------
+# segmentation
+
+
+def dice(pred, label, num_classes: int) -> np.ndarray:
+    """
+    Per-class Dice of two integer label maps: for c = 1..num_classes-1, with P = {pred == c}, L = {label == c},
+
+        Dice_c = 2 |P ∩ L| / (|P| + |L|)
+
+    Conventions: both empty -> NaN (nothing to segment and nothing segmented: undefined, skipped by nanmean);
+    exactly one empty -> 0 (falls out of the formula: a missed organ and a hallucinated one both score 0).
+    Returns a float64 array of length num_classes - 1.
+    """
+    pred, label = _as_labels(pred, "pred", num_classes), _as_labels(label, "label", num_classes)
+    _same_shape(pred, label)
+    # one pass over the volume: the joint histogram of (label, pred) is the confusion matrix of the voxels
+    cm = confusion_matrix(pred.ravel(), label.ravel(), num_classes)
+    inter = np.diag(cm)[1:].astype(np.float64)
+    total = (cm.sum(0) + cm.sum(1))[1:].astype(np.float64)  # |P| + |L|
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(total > 0, 2 * inter / total, np.nan)
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    # The surface is the mask minus its binary erosion, as MONAI's get_mask_edges does. scipy's default
+    # structuring element is the cross (connectivity 1: 6 neighbours in 3D), so a voxel is on the surface when
+    # one of its face neighbours is outside; voxels on the array border count as surface (border_value=0).
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def _directed_hd95(from_surface: np.ndarray, to_surface: np.ndarray, spacing) -> float:
+    # distance_transform_edt gives, for every voxel, the Euclidean distance (in mm, via `sampling`) to the
+    # nearest zero, so passing ~to_surface gives the distance to the nearest voxel of `to_surface`
+    dist = ndimage.distance_transform_edt(~to_surface, sampling=spacing)
+    return float(np.percentile(dist[from_surface], 95))  # linear interpolation, numpy's (and MONAI's) default
+
+
+def hd95(pred, label, num_classes: int, spacing=None, empty: float = np.nan) -> np.ndarray:
+    """
+    Per-class 95th-percentile Hausdorff distance in mm, for c = 1..num_classes-1, the way MONAI's
+    compute_hausdorff_distance(percentile=95) defines it:
+
+        S_P, S_L = surface voxels of P = {pred == c} and L = {label == c}  (mask minus its binary erosion)
+        d(p, S) = min over s in S of || (p - s) * spacing ||_2
+        HD95_c  = max( P95{ d(p, S_L) : p in S_P },  P95{ d(l, S_P) : l in S_L } )
+
+    `spacing` is the voxel size in mm along each array axis (default 1 for every axis).
+    Conventions: both masks empty -> NaN (undefined, like Dice). Exactly one empty -> `empty`, NaN by default:
+    the distance to a missing surface has no finite value (MONAI gives inf or nan), and NaN keeps nanmean
+    usable. Such a case is not hidden from the evaluation: its Dice is 0; count these cases with
+    `np.isnan(hd) & ~np.isnan(dice(...))`, or pass empty=np.inf to have them dominate any mean, as MONAI's do.
+
+    Speed: both distance transforms run on the bounding box of P ∪ L, padded by one voxel, instead of the
+    whole volume. That is exact: every surface voxel of both masks lies inside the box, so the nearest one to
+    any voxel of the box is found inside it, and the erosion sees the same zeros at the box edge as outside it
+    (the pad is not needed for correctness, it only keeps the box edge off the masks when possible).
+    """
+    pred, label = _as_labels(pred, "pred", num_classes), _as_labels(label, "label", num_classes)
+    _same_shape(pred, label)
+    spacing = np.ones(pred.ndim) if spacing is None else np.asarray(spacing, dtype=np.float64)
+    if spacing.shape != (pred.ndim,) or np.any(spacing <= 0):
+        raise ValueError(f"spacing must hold {pred.ndim} positive voxel sizes, got {spacing.tolist()}")
+    out = np.full(num_classes - 1, np.nan)
+    for c in range(1, num_classes):
+        p, l = pred == c, label == c
+        union = p | l
+        if not union.any():
+            continue  # both empty: NaN
+        if not (p.any() and l.any()):
+            out[c - 1] = empty
+            continue
+        # bounding box of the union along each axis, padded by one voxel and clipped to the array
+        box = []
+        for axis in range(union.ndim):
+            hit = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+            box.append(slice(max(hit[0] - 1, 0), hit[-1] + 2))
+        sp, sl = _surface(p[tuple(box)]), _surface(l[tuple(box)])
+        out[c - 1] = max(_directed_hd95(sp, sl, spacing), _directed_hd95(sl, sp, spacing))
+    return out
+
+
+# -----------------------------------------------------------------------------
+# classification
+
+
+def accuracy(pred, labels) -> float:
+    """Fraction of samples whose predicted class equals the true one."""
+    pred, labels = _as_labels(pred, "pred"), _as_labels(labels, "labels")
+    _same_shape(pred, labels, "pred and labels")
+    if pred.size == 0:
+        raise ValueError("accuracy of zero samples is undefined")
+    return float(np.mean(pred == labels))
+
+
+def confusion_matrix(pred, labels, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 counts; rows are the true class, columns the predicted one."""
+    pred = _as_labels(pred, "pred", num_classes).ravel()
+    labels = _as_labels(labels, "labels", num_classes).ravel()
+    _same_shape(pred, labels, "pred and labels")
+    # each (true, predicted) pair gets one flat bin index; bincount counts all pairs in one pass
+    return np.bincount(labels * num_classes + pred, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def f1_macro(pred, labels, num_classes: int) -> float:
+    """
+    Macro F1: the unweighted mean over classes of F1_k = 2 TP_k / (2 TP_k + FP_k + FN_k).
+
+    The mean runs over the classes that occur in `labels` or in `pred`, as sklearn's
+    f1_score(labels, pred, average="macro", zero_division=0) does: a class that is predicted but absent from
+    the labels, or present but never predicted, scores 0; a class absent from both (say, a test split without
+    that class) is left out rather than counted as 0 or 1, since it says nothing about the classifier.
+    """
+    cm = confusion_matrix(pred, labels, num_classes)
+    tp = np.diag(cm)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp  # column sums are predictions, row sums are the true counts
+    seen = (cm.sum(0) + cm.sum(1)) > 0
+    if not seen.any():
+        raise ValueError("f1_macro of zero samples is undefined")
+    return float(np.mean(2 * tp[seen] / (2 * tp[seen] + fp[seen] + fn[seen])))
+
+
+def roc_auc(scores, labels) -> float:
+    """
+    Binary ROC AUC: the probability that a random positive scores higher than a random negative, ties counted
+    as one half. It equals the Mann-Whitney U statistic of the positives divided by n_pos * n_neg:
+
+        U   = (sum of the ranks of the positives among all scores) - n_pos (n_pos + 1) / 2
+        AUC = U / (n_pos * n_neg)
+
+    with average ranks for ties (scipy.stats.rankdata), which is what counts a tie as 1/2. Constant scores give
+    0.5. `labels` are 0/1 (or bool); both classes must be present, otherwise the AUC is undefined (error).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = _as_labels(labels, "labels", 2)
+    _same_shape(scores, labels, "scores and labels")
+    if scores.ndim != 1 or not np.all(np.isfinite(scores)):
+        raise ValueError(f"scores must be a 1-D array of finite numbers, got shape {scores.shape}")
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"roc_auc needs both classes, got {n_pos} positives and {n_neg} negatives")
+    ranks = stats.rankdata(scores)  # 1-based, ties get the average of the ranks they span
+    u = ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def macro_auc(probs, labels) -> float:
+    """
+    One-vs-rest macro ROC AUC: the mean over classes k of roc_auc(probs[:, k], labels == k).
+
+    probs is (n, K) (class scores or probabilities; only their order within a column matters), labels holds
+    n class indices in [0, K). A class with no sample in `labels` has no one-vs-rest AUC and is skipped (its
+    column is not used); at least two classes must be present.
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2:
+        raise ValueError(f"probs must be (n, K), got shape {probs.shape}")
+    labels = _as_labels(labels, "labels", probs.shape[1])
+    if labels.shape != (probs.shape[0],):
+        raise ValueError(f"labels must be ({probs.shape[0]},) to match probs {probs.shape}, got {labels.shape}")
+    present = np.unique(labels)
+    if present.size < 2:
+        raise ValueError(f"macro_auc needs at least two classes in labels, got {present.tolist()}")
+    return float(np.mean([roc_auc(probs[:, k], labels == k) for k in present]))
+
+
+# -----------------------------------------------------------------------------
+# statistics over cases
+
+
+def bootstrap_ci(values, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """
+    (mean, low, high): the mean of `values` and its percentile-bootstrap (1 - alpha) confidence interval.
+
+    NaNs are dropped first (undefined per-case metrics, see dice/hd95). Then n_boot resamples of the n values,
+    drawn with replacement from np.random.default_rng(seed), give n_boot means; low and high are their
+    alpha/2 and 1 - alpha/2 percentiles. One value gives (v, v, v) and no value (nan, nan, nan).
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return (float("nan"),) * 3
+    mean = float(values.mean())
+    if values.size == 1:
+        return mean, mean, mean
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, values.size, size=(n_boot, values.size))  # (n_boot, n) resample indices
+    boot_means = values[idx].mean(axis=1)
+    low, high = np.percentile(boot_means, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return mean, float(low), float(high)
+
+
+def wilcoxon(a, b) -> float:
+    """
+    Two-sided p-value of the Wilcoxon signed-rank test on paired values a[i], b[i] (scipy.stats.wilcoxon with
+    its defaults: zero differences dropped, exact distribution for small n without ties).
+
+    A pair with a NaN on either side is dropped (the metric was undefined for that case). NaN is returned when
+    fewer than 2 pairs remain or all differences are zero: there is then nothing to test.
+    """
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    _same_shape(a, b, "a and b")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    if a.size < 2 or np.all(a == b):
+        return float("nan")
+    return float(stats.wilcoxon(a, b).pvalue)
