@@ -1,0 +1,388 @@
+"""
+The 3DINO / DINOv2 training objective: teacher-target normalisation, the DINO CLS loss, the iBOT masked-patch
+loss and the KoLeo regulariser. Pure functions on tensors; no state, no config globals.
+
+What one training step computes (3DINO paper, Methods, Eq. 1-2; reference_spec.md §3):
+
+    targets_cls   = sinkhorn_knopp(teacher CLS logits of the 2 global crops, teacher_temp)     # or softmax_center
+    targets_patch = sinkhorn_knopp(teacher patch logits at the masked positions, teacher_temp)
+    loss = dino_loss(student CLS logits of all crops, targets_cls)                     # Eq. 1, averaged over 18 pairs
+         + ibot_loss(student patch logits at the masked positions, targets_patch, ...)  # Eq. 2, per-image mean
+         + 0.1 * (koleo_loss(student backbone CLS of global crop 0) + koleo_loss(... of global crop 1))
+
+Conventions (those of the reference's collate, see golden/README.md §2):
+  K   number of prototypes (the head's output size, 65536 in the paper)
+  B   images per GPU; every crop is a (B, K) block of logits
+  global rows (2B, K) are crop-major: row r is global crop r // B of image r % B, so `.chunk(2)` gives the crops
+  local rows  (8B, K) are crop-major too: `.chunk(8)` gives the 8 local crops
+  patch rows  (M, K) are the M masked tokens, row-major over the (2B, N) bool masks
+
+Precision: every function casts its inputs to fp32 before any exp / softmax / log, whatever dtype (bf16, fp16)
+the heads ran in, and returns fp32. With teacher_temp = 0.04 a logit of 3.6 already gives exp(90) = inf in fp32,
+and bf16 has 8 mantissa bits, so nothing below is done in low precision.
+
+Distributed: `sinkhorn_knopp` and `update_center` need statistics over the whole global batch, so they all-reduce
+(sum, max, row counts) when a process group is initialised, and are plain single-process functions otherwise.
+The losses themselves are local means; DDP's gradient averaging turns them into global means.
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _ddp() -> bool:
+    """True when there is a process group to all-reduce over (CPU runs and most tests have none)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def _check_finite(loss: Tensor, name: str) -> Tensor:
+    """Raise if a loss value is NaN or inf, naming the loss. One scalar check; on a GPU it is a host sync."""
+    if not bool(torch.isfinite(loss)):
+        raise FloatingPointError(
+            f"losses.py: {name} is {loss.item()} (not finite). Check the logits fed to it for NaN/inf "
+            f"(a diverged model, a too-low teacher_temp, or fp16 overflow in a head)."
+        )
+    return loss
+
+
+# ============ teacher targets: Sinkhorn-Knopp (default) ============
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3) -> Tensor:
+    """
+    Teacher probabilities by Sinkhorn-Knopp normalisation (DINOv2 / SwAV), the default `centering`.
+
+    For logits T (n, K) -- n rows of *this* rank, n_total over all ranks -- it looks for the matrix
+        P = diag(u) exp(T / teacher_temp) diag(v)            (n_total, K)
+    whose rows sum to 1 (each sample is a distribution over prototypes) and whose columns all sum to n_total / K
+    (each prototype gets the same share of the batch). That forbids the collapse where every sample picks the
+    same prototype, without the running center of DINO v1. The fixed point is approached by alternating the two
+    normalisations; the reference stops after 3 rounds, so with sharp logits the prototype marginals are only
+    roughly uniform, while the row sums are exactly 1 (the last step normalises the rows).
+
+    Recipe (reference_spec.md §3.1), in fp32, Q = P^T (K, n):
+        Q = exp((T - max T) / teacher_temp)^T
+        Q /= sum(Q)                                         total over all ranks
+        repeat n_iters times:
+            Q /= Q.sum(dim=1, keepdim=True); Q /= K          prototype sums, over all ranks -> each 1/K
+            Q /= Q.sum(dim=0, keepdim=True); Q /= n_total    sample sums, local            -> each 1/n_total
+        return (Q * n_total)^T                              rows sum to 1
+
+    One difference from the reference: we subtract the global max logit (all-reduced MAX) before exp. That
+    multiplies Q by the constant exp(-max/teacher_temp), which the first normalisation divides out again, so the
+    result is mathematically identical -- but the reference's exp overflows to inf (and then NaN) once any logit
+    exceeds ~3.5 at teacher_temp 0.04. (Entries more than ~87 * teacher_temp below the max still underflow to 0;
+    a prototype whose entries all underflow would give NaN, which the losses' finite-check catches. Heads that
+    end in a weight-normed layer on a unit vector keep logits in [-|g|, |g|], far from that.)
+
+    Distributed: the total sum, the max, the prototype sums and the row count are all-reduced, so the result on
+    each rank is its own rows of the Sinkhorn matrix of the concatenated global batch. Ranks may hold different
+    numbers of rows, including none (iBOT on a rank with no masked token); every rank must still call this.
+    The reference uses n = B * world_size for DINO and the all-reduced token count for iBOT; the all-reduced row
+    count used here is the same number in both cases.
+
+    Args:
+        teacher_logits: (n, K) teacher head outputs, any float dtype. For DINO the 2B global rows (both crops
+            together, so the marginal constraint spans the whole batch); for iBOT the M masked-token rows.
+        teacher_temp: tau_t, 0.04 -> 0.07 over warm-up in the paper.
+        n_iters: Sinkhorn rounds (3 in the reference).
+    Returns:
+        (n, K) fp32 probabilities, rows in the input's order. No gradient (the teacher is a target).
+    """
+    if teacher_logits.ndim != 2:
+        raise ValueError(f"losses.py: sinkhorn_knopp expects (n, K) logits, got shape {tuple(teacher_logits.shape)}")
+    if teacher_temp <= 0:
+        raise ValueError(f"losses.py: sinkhorn_knopp needs teacher_temp > 0, got {teacher_temp}")
+    T = teacher_logits.float()
+    n_local, K = T.shape
+
+    # global row count and global max (empty ranks contribute 0 rows and -inf). No .item() here: in DDP a batch
+    # with no rows on *any* rank is not checked (that would be a host sync every step); it gives NaN targets,
+    # which the losses' finite-check reports.
+    if n_local == 0 and not _ddp():
+        raise ValueError("losses.py: sinkhorn_knopp got no rows (e.g. an iBOT step with no masked token)")
+    n_total = torch.tensor(float(n_local), device=T.device)
+    t_max = T.max() if n_local > 0 else torch.tensor(float("-inf"), device=T.device)
+    if _ddp():
+        dist.all_reduce(n_total)
+        dist.all_reduce(t_max, op=dist.ReduceOp.MAX)
+
+    Q = torch.exp((T - t_max) / teacher_temp).t()  # (n, K) -> (K, n)
+    total = Q.sum()
+    if _ddp():
+        dist.all_reduce(total)
+    Q = Q / total
+    for _ in range(n_iters):
+        # each prototype (row of Q) gets total mass 1/K, summed over the samples of every rank
+        proto_sum = Q.sum(dim=1, keepdim=True)  # (K, 1)
+        if _ddp():
+            dist.all_reduce(proto_sum)
+        Q = Q / proto_sum / K
+        # each sample (column of Q) gets total mass 1/n_total; a column lives on one rank, so no all-reduce
+        Q = Q / Q.sum(dim=0, keepdim=True) / n_total
+    return (Q * n_total).t()  # (K, n) -> (n, K), rows sum to 1
+
+
+# ============ teacher targets: softmax centering (DINO v1 alternative) ============
+
+
+@torch.no_grad()
+def softmax_center(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
+    """
+    Teacher probabilities by centering and sharpening, DINO v1's anti-collapse recipe (`centering = "softmax"`):
+
+        P = softmax((T - c) / teacher_temp, dim=-1)
+
+    Subtracting the running mean c stops one prototype from dominating; the low temperature stops the opposite
+    collapse to the uniform distribution.
+
+    Args:
+        teacher_logits: (..., K) teacher head outputs, any float dtype.
+        center: the running mean, K numbers in any shape ((1, K) for DINO and (1, 1, K) for iBOT in reference
+            checkpoints); broadcast along the last axis of the logits.
+        teacher_temp: tau_t.
+    Returns:
+        fp32 probabilities with the shape of `teacher_logits`. No gradient.
+    """
+    K = teacher_logits.shape[-1]
+    if center.numel() != K:
+        raise ValueError(f"losses.py: softmax_center: center has {center.numel()} values but the logits have K={K}")
+    if teacher_temp <= 0:
+        raise ValueError(f"losses.py: softmax_center needs teacher_temp > 0, got {teacher_temp}")
+    return torch.softmax((teacher_logits.float() - center.float().reshape(K)) / teacher_temp, dim=-1)
+
+
+@torch.no_grad()
+def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9) -> Tensor:
+    """
+    EMA of the teacher logits' batch mean, the DINO v1 center:
+
+        c <- momentum * c + (1 - momentum) * mean over all rows of all ranks of T
+
+    The mean is a global one: the row sum and the row count are all-reduced, so ranks may hold different numbers
+    of rows (the reference divides by len * world_size, the same number when rows are equal).
+
+    The reference records the batch mean in one step and applies it lazily at the start of the next
+    `softmax_center` call; calling `softmax_center` and then `update_center` in the same step is the same thing:
+        probs = softmax_center(T, center, tau);  center = update_center(center, T)
+
+    Args:
+        center: K numbers in any shape ((1, K) or (1, 1, K)); not modified.
+        teacher_logits: (..., K) teacher logits; for iBOT the masked-token rows (M, K).
+        momentum: 0.9 in the reference.
+    Returns:
+        the new center, same shape and dtype as `center`.
+    """
+    K = teacher_logits.shape[-1]
+    if center.numel() != K:
+        raise ValueError(f"losses.py: update_center: center has {center.numel()} values but the logits have K={K}")
+    T = teacher_logits.float().reshape(-1, K)  # (..., K) -> (rows, K)
+    if T.shape[0] == 0 and not _ddp():
+        raise ValueError("losses.py: update_center got no rows")
+    row_sum = T.sum(dim=0)  # (K,)
+    n_rows = torch.tensor(float(T.shape[0]), device=T.device)
+    if _ddp():
+        dist.all_reduce(row_sum)
+        dist.all_reduce(n_rows)
+    batch_mean = row_sum / n_rows
+    new = momentum * center.float().reshape(K) + (1 - momentum) * batch_mean
+    return new.reshape(center.shape).to(center.dtype)
+
+
+# ============ DINO CLS loss (paper Eq. 1) ============
+
+
+def _cross_entropy(teacher_probs: Tensor, student_logits: Tensor, student_temp: float) -> Tensor:
+    """
+    Per-row H(t, s) = -sum_k t_k log softmax(s / student_temp)_k, in fp32. Returns (rows,).
+    The teacher side is detached: the targets are constants (stop-gradient, the teacher learns by EMA only).
+    """
+    log_p = F.log_softmax(student_logits.float() / student_temp, dim=-1)
+    return -(teacher_probs.detach().float() * log_p).sum(dim=-1)
+
+
+def dino_loss(
+    student_logits: list[Tensor],
+    teacher_probs: list[Tensor],
+    student_temp: float = 0.1,
+    check: bool = True,
+) -> Tensor:
+    """
+    The image-level DINO loss (paper Eq. 1), averaged over (teacher crop, student crop) pairs:
+
+        L = 1/n_pairs * sum_{t in globals} sum_{s in all crops, s != t} mean_b H(P_t[b], S_s[b])
+        H(p, s) = -sum_k p_k log softmax(s / student_temp)_k
+
+    Each teacher global crop supervises every *other* crop of the same image: the other global crop and all
+    local crops. Local crops are never targets, and a global crop is never paired with itself. For 2 global
+    and 8 local crops n_pairs = 2*1 + 2*8 = 18, and L equals the reference's
+    `dino_local_crops_loss + dino_global_crops_loss` (its /18 normalisation, its x2 on the global term).
+
+    The reference's crop swap: it reverses the teacher's two global chunks ([crop1; crop0]) and pairs row r of
+    the targets with student global row r. Here the teacher list is in *natural* order and the pairing is
+    by crop index, so "teacher crop 0 <-> student crop 1" is the swap and no reordering is needed. (Sinkhorn
+    acts row-wise on the concatenated batch and does not care about the row order, so the targets of the natural
+    order are the swapped targets with their two halves exchanged.)
+
+    n_pairs counts the pairs actually summed. With no local crops that is n_global * (n_global - 1) = 2, whereas
+    the reference's formula n_global*(n_global-1) + max(n_local*n_global, 1) would give 3 (it never trains so).
+
+    Args:
+        student_logits: list of per-crop (B, K) student dino_head outputs, the n_global global crops first,
+            then the local crops (in pretrain.py: `s_global.chunk(2) + s_local.chunk(8)`). Any float dtype.
+        teacher_probs: list of n_global (B, K) teacher targets for the global crops in natural order
+            (`sinkhorn_knopp(t_global, tau).chunk(2)`, where t_global is the (2B, K) crop-major teacher output).
+        student_temp: tau_s, 0.1 in the reference.
+        check: raise FloatingPointError if the loss is NaN/inf. A host sync on GPU; pass False to skip it.
+    Returns:
+        scalar fp32 loss; gradients flow to the student logits only.
+    """
+    student_logits, teacher_probs = list(student_logits), list(teacher_probs)
+    n_global = len(teacher_probs)
+    if n_global < 1 or len(student_logits) < n_global:
+        raise ValueError(
+            f"losses.py: dino_loss needs >= 1 teacher crop and at least as many student crops (globals first), "
+            f"got {n_global} teacher and {len(student_logits)} student crops"
+        )
+    shape = tuple(teacher_probs[0].shape)
+    for i, x in enumerate(teacher_probs + student_logits):
+        if x.ndim != 2 or tuple(x.shape) != shape:
+            who = f"teacher crop {i}" if i < n_global else f"student crop {i - n_global}"
+            raise ValueError(
+                f"losses.py: dino_loss: {who} has shape {tuple(x.shape)}, expected (B, K) = {shape} like teacher "
+                f"crop 0 (mismatched K or batch?)"
+            )
+
+    total, n_pairs = 0.0, 0
+    for t, p in enumerate(teacher_probs):  # teacher global crop t ...
+        for s, logits in enumerate(student_logits):  # ... supervises every other student crop s
+            if s == t:
+                continue  # no same-view pair
+            total = total + _cross_entropy(p, logits, student_temp).mean()  # mean over the B images
+            n_pairs += 1
+    if n_pairs == 0:
+        raise ValueError("losses.py: dino_loss: one global crop and no local crops leave no (teacher, student) pair")
+    loss = total / n_pairs
+    return _check_finite(loss, "dino_loss") if check else loss
+
+
+# ============ iBOT masked-patch loss (paper Eq. 2) ============
+
+
+def ibot_loss(
+    student_patch_logits: Tensor,
+    teacher_patch_probs: Tensor,
+    masks_weight: Tensor,
+    n_crops: int,
+    student_temp: float = 0.1,
+    check: bool = True,
+) -> Tensor:
+    """
+    The patch-level iBOT loss (paper Eq. 2) over the masked tokens, each global-crop image weighted equally:
+
+        L = 1/n_crops * sum_j w_j H(Q_j, s_j),      w_j = 1 / (number of masked tokens in token j's image)
+
+    where j runs over the M masked tokens of the n_crops global-crop images of this rank. Since each masked
+    image's weights sum to 1, L is the mean over the n_crops images of "mean CE over the image's masked tokens",
+    with unmasked images counting 0 -- a heavily masked image does not outweigh a lightly masked one. This is
+    the reference's `iBOTPatchLoss.forward_masked` (which divides by masks.shape[0]) times its training-step
+    scaling (x2 loss_scales x 1/2 per global crop = x1). The reference *logs* L / 2.
+
+    Deviation from the issue text: the divisor is named `n_crops`, not `n_global_crops`, because it is the
+    number of global-crop *rows* the masks were drawn for -- masks.shape[0] = n_global_crops * B = 2B (8 in the
+    golden file) -- not the number of global crops per image (2). Passing 2 would scale the loss by B.
+
+    Args:
+        student_patch_logits: (M, K) student ibot_head outputs at the masked positions (the student saw the
+            mask token there), any float dtype.
+        teacher_patch_probs: (M, K) teacher targets at the same positions of the unmasked crops
+            (`sinkhorn_knopp(teacher_patch_logits, tau)` or `softmax_center(...)`).
+        masks_weight: (M,) w_j = 1 / masks[image_of_j].sum(), as made by the collate.
+        n_crops: number of global-crop images on this rank, masked or not: masks.shape[0] = 2B.
+        student_temp: tau_s, 0.1.
+        check: also raise FloatingPointError on a NaN/inf loss and ValueError if the weights sum to more than
+            n_crops (a wrong divisor); both are host syncs on GPU.
+    Returns:
+        scalar fp32 loss; gradients flow to the student logits only.
+    """
+    if student_patch_logits.ndim != 2 or tuple(student_patch_logits.shape) != tuple(teacher_patch_probs.shape):
+        raise ValueError(
+            f"losses.py: ibot_loss: student {tuple(student_patch_logits.shape)} and teacher "
+            f"{tuple(teacher_patch_probs.shape)} must both be (M, K) with the same M and K"
+        )
+    M = student_patch_logits.shape[0]
+    if M == 0:
+        raise ValueError("losses.py: ibot_loss got an empty mask set (no masked token); nothing to predict")
+    if tuple(masks_weight.shape) != (M,):
+        raise ValueError(f"losses.py: ibot_loss: masks_weight has shape {tuple(masks_weight.shape)}, expected ({M},)")
+    if n_crops < 1:
+        raise ValueError(f"losses.py: ibot_loss: n_crops must be >= 1, got {n_crops}")
+    w = masks_weight.float()
+    # sum_j w_j = number of images with >= 1 masked token <= n_crops; catches "n_crops = n_global_crops = 2"
+    if check and w.sum().item() > n_crops + 1e-3:
+        raise ValueError(
+            f"losses.py: ibot_loss: masks_weight sums to {w.sum().item():.3f} images but n_crops = {n_crops}; "
+            f"n_crops must be the number of global-crop rows (masks.shape[0] = 2B)"
+        )
+    loss = (w * _cross_entropy(teacher_patch_probs, student_patch_logits, student_temp)).sum() / n_crops
+    return _check_finite(loss, "ibot_loss") if check else loss
+
+
+# ============ KoLeo regulariser ============
+
+
+def koleo_loss(x: Tensor, eps: float = 1e-8, check: bool = True) -> Tensor:
+    """
+    Kozachenko-Leonenko differential-entropy estimator, used as a regulariser that spreads features on the sphere
+    (DINOv2; Sablayrolles et al. 2019):
+
+        x_i <- x_i / max(|x_i|, eps)                         L2-normalise
+        nn(i) = argmax_{j != i} <x_i, x_j>                  nearest neighbour (max cosine = min distance)
+        d_i   = | x_i - x_nn(i) + eps |_2                    (eps added to the difference, as nn.PairwiseDistance)
+        L     = -1/n sum_i log(d_i + eps)
+
+    Minimising L pushes every point away from its nearest neighbour, i.e. maximises the entropy estimate.
+    The neighbour search excludes i itself by setting the diagonal of the Gram matrix to -1 (the reference's
+    choice, not -inf: with one row the row "finds" itself, d = eps * sqrt(D), and the loss is a constant with
+    zero gradient -- KoLeo needs >= 2 rows per GPU to do anything).
+
+    Always computed in fp32 with autocast off: under the reference's fp16 autocast eps = 1e-8 underflows to 0,
+    so two identical rows give log(0) = -inf and the loss is inf. In fp32 a duplicate pair gives
+    d = 1e-8 * sqrt(D), i.e. about 16 per duplicated row: large but finite, with a finite gradient.
+
+    In training it is applied to the student backbone's global CLS tokens (after the final norm, before the
+    head) one global crop at a time, never across the two crops of one image:
+        0.1 * (koleo_loss(cls[:B]) + koleo_loss(cls[B:]))          (the reference logs half of that)
+
+    Args:
+        x: (n, D) features, any float dtype.
+        eps: 1e-8 as in the reference (normalisation, distance and log).
+        check: raise FloatingPointError if the loss is NaN/inf.
+    Returns:
+        scalar fp32 loss.
+    """
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ValueError(f"losses.py: koleo_loss expects (n >= 1, D) features, got shape {tuple(x.shape)}")
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = F.normalize(x.float(), p=2, dim=-1, eps=eps)
+        with torch.no_grad():  # the neighbour index is a discrete choice; the gradient flows through d_i
+            dots = x @ x.t()  # (n, D) @ (D, n) -> (n, n) cosine similarities
+            dots.fill_diagonal_(-1.0)
+            nn_idx = dots.argmax(dim=1)  # (n,)
+        d = torch.linalg.vector_norm(x - x[nn_idx] + eps, ord=2, dim=-1)  # (n,)
+        loss = -torch.log(d + eps).mean()
+    return _check_finite(loss, "koleo_loss") if check else loss
+
+
+if __name__ == "__main__":
+    # a 5-second tour: closed forms anyone can check by hand
+    torch.manual_seed(0)
+    B, K = 4, 16
+    print("uniform DINO loss", dino_loss([torch.zeros(B, K)] * 3, [torch.full((B, K), 1 / K)] * 2).item(),
+          "= log K", torch.log(torch.tensor(K)).item())
+    P = sinkhorn_knopp(0.5 * torch.randn(8, K), teacher_temp=0.05, n_iters=50)
+    print("Sinkhorn rows", P.sum(1)[:3].tolist(), "prototype marginals (n/K = 0.5)", P.sum(0)[:3].tolist())
+    print("KoLeo spread", koleo_loss(torch.eye(8)).item(), "clustered", koleo_loss(1 + 0.01 * torch.randn(8, 8)).item())
