@@ -1,0 +1,168 @@
+"""pretrain.py end to end on a tiny model (a few steps each, run as the real script in a subprocess): the EMA
+rule, the frozen last layer, the parameter groups, kill-and-resume, DDP under torchrun, and high-res init."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model
+from conftest import ROOT
+
+# a model small enough that a step takes a fraction of a second: 16^3 / 8^3 crops, patch 8 -> 8 / 1 tokens
+TINY = dict(embed_dim=32, depth=4, num_heads=2, patch_size=8, global_crops_size=16, local_crops_size=8,
+            n_local_crops=2, head_n_prototypes=64, head_hidden_dim=32, head_bottleneck_dim=16, batch_size=4,
+            num_workers=0, log_interval=1, ckpt_interval=1000, export_interval=1000, min_axis_size=8,
+            warmup_iters=2, warmup_teacher_temp_iters=2, freeze_last_layer_iters=0, drop_path_rate=0.1)
+
+
+def run(tmp_path, cmd_prefix=None, timeout=240, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cfg = dict(TINY, out_dir=str(tmp_path / "run"))
+    cfg.update(overrides)
+    args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+    cmd = (cmd_prefix or [sys.executable]) + [str(ROOT / "pretrain.py")] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res, tmp_path / "run"
+
+
+def losses_of(out):
+    lines = [json.loads(l) for l in open(out / "log.jsonl")]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def initial_checkpoint(tmp_path, grid_size=16):
+    """A teacher export with known weights, so a test knows the state before the first step."""
+    torch.manual_seed(123)
+    bb = model.ViT3D(img_size=grid_size, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+    heads = {n: model.DINOHead(32, 64, 32, 16) for n in ("dino_head", "ibot_head")}
+    sd = {f"backbone.{k}": v for k, v in bb.state_dict().items()}
+    for n, h in heads.items():
+        sd.update({f"{n}.{k}": v for k, v in h.state_dict().items()})
+    path = tmp_path / "init.pt"
+    torch.save({"teacher": sd, "model_args": bb.args}, path)
+    return path, sd
+
+
+def test_one_step_updates_student_and_teacher_by_ema(tmp_path):
+    init, sd0 = initial_checkpoint(tmp_path)
+    _, out = run(tmp_path, max_iters=1, init_from=str(init), momentum_teacher=0.9, freeze_last_layer_iters=0,
+                 warmup_iters=0)  # (the lr warm-up starts at 0)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    s1, t1 = ck["student"], ck["teacher"]
+    assert set(s1) == set(sd0) == set(t1)
+    moved = [k for k in sd0 if not torch.equal(s1[k], sd0[k])]
+    assert len(moved) > 0.9 * len(sd0), "one step should change (almost) every student parameter"
+    m = 0.9  # the momentum schedule starts at momentum_teacher
+    for k in sd0:  # teacher_1 = m * teacher_0 + (1 - m) * student_1, with teacher_0 = student_0 = init
+        torch.testing.assert_close(t1[k], m * sd0[k] + (1 - m) * s1[k], rtol=1e-5, atol=1e-6)
+    # a teacher export that model.load_pretrained reads
+    vit = model.vit_from_checkpoint(out / "teacher_backbone.pt")
+    torch.testing.assert_close(vit.state_dict()["norm.weight"], t1["backbone.norm.weight"])
+
+
+def test_last_layer_frozen_in_first_epoch_and_param_groups(tmp_path):
+    init, sd0 = initial_checkpoint(tmp_path)
+    _, out = run(tmp_path, max_iters=3, init_from=str(init), freeze_last_layer_iters=3)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    s = ck["student"]
+    for head in ("dino_head", "ibot_head"):
+        for k in ("last_layer.weight_g", "last_layer.weight_v"):
+            assert torch.equal(s[f"{head}.{k}"], sd0[f"{head}.{k}"]), f"{head}.{k} moved while frozen"
+        assert not torch.equal(s[f"{head}.mlp.0.weight"], sd0[f"{head}.mlp.0.weight"])
+    # parameter groups: the lr and weight decay each named parameter got at the last step (step index 2)
+    log = [json.loads(l) for l in open(out / "log.jsonl")]
+    last = [r for r in log if r.get("step") == 3][0]
+    lr, wd = last["lr"], last["wd"]
+    by_name = {}
+    for g in ck["optimizer"]["param_groups"]:
+        for n in g["names"]:
+            by_name[n] = (g["lr"], g["weight_decay"])
+    depth = 4
+    expect = {
+        "backbone.blocks.0.attn.qkv.weight": (lr * 0.9 ** depth, wd),  # layer 1 of depth + 1
+        "backbone.blocks.3.mlp.fc2.weight": (lr * 0.9 ** 1, wd),
+        "backbone.blocks.3.mlp.fc2.bias": (lr * 0.9 ** 1, 0.0),  # no weight decay on biases
+        "backbone.blocks.2.ls1.gamma": (lr * 0.9 ** 2, 0.0),  # ... nor LayerScale
+        "backbone.norm.weight": (lr, 0.0),  # final norm: layer depth + 1, lr x 1, no wd
+        "backbone.patch_embed.proj.weight": (lr * 0.9 ** (depth + 1) * 0.2, wd),  # embeddings x 0.2
+        "backbone.pos_embed": (lr * 0.9 ** (depth + 1), wd),  # the reference decays pos_embed and tokens
+        "backbone.cls_token": (lr * 0.9 ** (depth + 1), wd),
+        "dino_head.mlp.0.weight": (lr, wd),
+        "ibot_head.mlp.4.bias": (lr, 0.0),
+        "dino_head.last_layer.weight_v": (0.0, wd),  # frozen: lr 0 during the first epoch
+    }
+    for name, (e_lr, e_wd) in expect.items():
+        got_lr, got_wd = by_name[name]
+        assert got_lr == pytest.approx(e_lr, rel=1e-9, abs=1e-15), name
+        assert got_wd == pytest.approx(e_wd, rel=1e-9, abs=1e-15), name
+
+
+def test_kill_and_resume_replays_the_same_losses(tmp_path):
+    # uninterrupted reference run
+    ref, out_ref = run(tmp_path / "a", max_iters=8, ckpt_interval=3)
+    ref_losses = losses_of(out_ref)
+    assert sorted(ref_losses) == list(range(1, 9))
+    # the same run, killed (SIGKILL) once its first checkpoint exists, then resumed
+    out = tmp_path / "b" / "run"
+    (tmp_path / "b").mkdir()
+    cfg = dict(TINY, out_dir=str(out), max_iters=8, ckpt_interval=3)
+    args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+    p = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py")] + args, cwd=tmp_path / "b",
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while not (out / "ckpt.pt").exists() and p.poll() is None and time.time() - t0 < 200:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
+    assert killed_at < 8, "the run finished before it could be killed; make the steps slower"
+    run(tmp_path / "b", max_iters=8, ckpt_interval=3, resume=True)
+    resumed = [json.loads(l) for l in open(out / "log.jsonl")]
+    # steps after the checkpoint appear twice (before the kill and after the resume): the last entry counts
+    after = {r["step"]: r["loss"] for r in resumed if "loss" in r}
+    assert sorted(after) == list(range(1, 9))
+    for step in range(killed_at + 1, 9):
+        assert after[step] == ref_losses[step], f"step {step}: {after[step]} != {ref_losses[step]}"
+    for step in range(1, killed_at + 1):
+        assert after[step] == ref_losses[step]
+    # the final weights agree too
+    a = torch.load(out_ref / "ckpt.pt", weights_only=True)["teacher"]
+    b = torch.load(out / "ckpt.pt", weights_only=True)["teacher"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    res, out = run(tmp_path, cmd_prefix=torchrun, max_iters=3, batch_size=4)
+    assert "the students of all 2 ranks are identical" in res.stdout
+    assert sorted(losses_of(out)) == [1, 2, 3]
+    # grad accumulation under DDP: 2 ranks x 2 micro-steps x 1 image
+    res, out = run(tmp_path / "acc", cmd_prefix=torchrun, max_iters=2, batch_size=4, grad_accum_steps=2)
+    assert "identical" in res.stdout
+
+
+def test_highres_init_from_lower_resolution_checkpoint(tmp_path):
+    init, sd0 = initial_checkpoint(tmp_path, grid_size=16)  # 2^3 position grid
+    _, out = run(tmp_path, max_iters=1, init_from=str(init), global_crops_size=24, base_lr=0.0)
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    pos = ck["teacher"]["backbone.pos_embed"]
+    assert pos.shape == (1, 1 + 27, 32)  # 3^3 grid at 24^3 crops
+    torch.testing.assert_close(pos, model.resize_pos_embed(sd0["backbone.pos_embed"], (3, 3, 3)))
+    torch.testing.assert_close(ck["teacher"]["dino_head.mlp.0.weight"], sd0["dino_head.mlp.0.weight"])
+
+
+def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
+    cfg = dict(TINY, out_dir=str(tmp_path / "run"), max_iters=3, base_lr=1e30, warmup_iters=0)
+    args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
+    res = subprocess.run([sys.executable, str(ROOT / "pretrain.py")] + args, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0
+    assert "non-finite loss at step" in res.stderr
