@@ -33,11 +33,234 @@ def timeit(fn, warmup=1, iters=5, device="cpu"):
     return times[len(times) // 2]
 
 
-# <<bench_augment>>
+def bench_augment(args, rest):
+    """Samples/s of the batched augmentation pipeline vs the reference's per-sample structure (spec §5.4–5.8).
 
-# <<bench_msda>>
+    One sample = 2 global (96³) + 8 local (48³) views of one volume, with iBOT masks (patch 16).
+    batched   : PretrainDataset reads only the 10 crop boxes from the prepared, memory-mapped cache; collate;
+                augment.make_views resizes + augments + masks a whole batch on --device. Timed per batch / B.
+    per-sample: the reference's worker structure — load the whole volume, then crop, resize and augment the 10
+                views one at a time (augment.reference_views, i.e. the same maths with B = 1) on CPU.
+    Both run in this one process on the same cores (no DataLoader workers), so the ratio is work, not parallelism.
+    The volume: --image PATH, else a synthetic 256×256×128 phantom saved as int16 .nii.gz (spacing 0.8×0.8×2 mm).
+    """
+    import itertools
+    import os
+    import tempfile
 
-# <<bench_step>>
+    import nibabel as nib
+    import numpy as np
+
+    import augment
+    import data
+
+    S, s, P, n_local = 96, 48, 16, 8  # the paper's global/local crop sizes, patch size, local crops per sample
+    B = args.batch or 8
+    iters = args.iters or 3
+    devices = ["cpu"] + (["cuda"] if args.device.startswith("cuda") and torch.cuda.is_available() else [])
+
+    # ---------------------------------------------------------------------------------------------- the volume
+    tmp = tempfile.TemporaryDirectory()
+    path = args.image
+    if path is None:
+        vol = data.SyntheticVolumes(1, (256, 256, 128), seed=0)[0]["image"][0].numpy()  # (H, W, D) in [-1, 1]
+        path = os.path.join(tmp.name, "synthetic.nii.gz")
+        # int16 "HU-like" values, as most CT files are stored (float32 noise would make gzip slower than reality)
+        nib.save(nib.Nifti1Image(np.rint(vol * 1000).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1.0])), path)
+    cache = os.path.join(tmp.name, "cache")
+    data.prepare([path], cache, workers=1, progress=False)
+    entry = data.load_index(cache)["entries"][0]
+    npy = os.path.join(cache, entry["file"])
+    ds = data.PretrainDataset(cache, global_crops_size=S, local_crops_size=s, n_local=n_local, seed=0)
+    print(f"volume {path}: file shape {list(data.load_volume(path)[0].shape[1:])}, prepared (foreground crop) "
+          f"{entry['shape']}, batch {B}, threads {torch.get_num_threads()}")
+
+    # ------------------------------------------------------------------------------------------- loading alone
+    t_nii = timeit(lambda: data.load_volume(path), warmup=1, iters=3)
+    t_npy = timeit(lambda: np.load(npy).astype(np.float32), warmup=1, iters=3)  # whole prepared volume
+    ks = itertools.count()
+    t_boxes = timeit(lambda: ds[next(ks)], warmup=1, iters=5)  # the 10 crop boxes of one sample, memory-mapped
+    print(f"\n{'load one volume / sample':<44}{'ms':>10}")
+    print(f"{'whole .nii.gz (load_volume)':<44}{t_nii:>10.1f}")
+    print(f"{'whole prepared .npy (np.load)':<44}{t_npy:>10.1f}")
+    print(f"{'10 crop boxes from the mmap cache':<44}{t_boxes:>10.1f}")
+
+    # --------------------------------------------------------------------------------------- batched pipeline
+    def batch_of_crops():
+        return data.collate_pretrain([ds[next(ks)] for _ in range(B)])
+
+    res = {}
+    for dev in devices:
+        g = torch.Generator(device=dev).manual_seed(0)  # big noise draws stay on the device
+        if dev == "cpu":
+            g = torch.Generator().manual_seed(0)
+        t_all = timeit(lambda: augment.make_views(batch_of_crops(), S, s, P, g, dev), warmup=1, iters=iters, device=dev)
+        fixed = batch_of_crops()
+        t_views = timeit(lambda: augment.make_views(fixed, S, s, P, g, dev), warmup=1, iters=iters, device=dev)
+        res[dev] = (t_all / B, t_views / B)
+
+    # ------------------------------------------------------------------------------------ per-sample pipeline
+    g = torch.Generator().manual_seed(0)
+    n_ps = max(3, iters)
+    t_ps_nii = timeit(lambda: augment.reference_views(torch.from_numpy(data.load_volume(path)[0]), g),
+                      warmup=1, iters=n_ps)
+    t_ps_npy = timeit(lambda: augment.reference_views(torch.from_numpy(np.load(npy).astype(np.float32))[None], g),
+                      warmup=1, iters=n_ps)
+    vol_mem = torch.from_numpy(np.load(npy).astype(np.float32))[None]
+    t_ps_views = timeit(lambda: augment.reference_views(vol_mem, g), warmup=1, iters=n_ps)
+
+    dev = devices[-1]
+    batched, batched_views = res[dev]
+    print(f"\n{'ms per sample (2×96³ + 8×48³ views)':<44}{'ms':>10}{'samples/s':>12}")
+    for d, (a, v) in res.items():
+        print(f"{f'batched on {d}: boxes + views + masks':<44}{a:>10.1f}{1e3 / a:>12.1f}")
+        print(f"{f'  of which make_views on {d}':<44}{v:>10.1f}{1e3 / v:>12.1f}")
+    print(f"{'per-sample: whole .nii.gz + views':<44}{t_ps_nii:>10.1f}{1e3 / t_ps_nii:>12.1f}")
+    print(f"{'per-sample: whole prepared .npy + views':<44}{t_ps_npy:>10.1f}{1e3 / t_ps_npy:>12.1f}")
+    print(f"{'per-sample: views only (volume in memory)':<44}{t_ps_views:>10.1f}{1e3 / t_ps_views:>12.1f}")
+    ratio = t_ps_nii / batched
+    print(f"\nbatched ({dev}) vs per-sample (.nii.gz): {ratio:.2f}× the samples/s"
+          f"  | vs per-sample from the prepared .npy: {t_ps_npy / batched:.2f}×"
+          f"  | views only: {t_ps_views / batched_views:.2f}×")
+    tmp.cleanup()
+    return {
+        "batched_ms_per_sample": round(batched, 2),
+        "per_sample_ms_per_sample": round(t_ps_nii, 2),
+        "ratio": round(ratio, 3),
+        "device": dev,
+        "threads": torch.get_num_threads(),
+        "batch": B,
+        "batched_cpu_ms_per_sample": round(res["cpu"][0], 2),
+        "batched_views_ms_per_sample": round(batched_views, 2),
+        "per_sample_npy_ms_per_sample": round(t_ps_npy, 2),
+        "per_sample_views_ms_per_sample": round(t_ps_views, 2),
+        "ratio_vs_npy": round(t_ps_npy / batched, 3),
+        "ratio_views_only": round(t_ps_views / batched_views, 3),
+        "load_nii_ms": round(t_nii, 2),
+        "load_npy_ms": round(t_npy, 2),
+        "read_boxes_ms": round(t_boxes, 2),
+    }
+
+def bench_msda(args, rest):
+    """MSDA: the Triton kernel vs the grid_sample reference at the 3D ViT-Adapter's shapes (spec §6.4-6.5).
+
+    injector: the 7^3 ViT tokens query the 3 SPM levels 28^3/14^3/7^3; extractor: the 25,039 SPM tokens query the
+    7^3 ViT grid (the contention case: ~2,300 gradient contributions per value voxel). nH=8, Dh=32, P=4.
+    Sampling points are the adapter's at init: query-grid centres + one octant direction per head, (p+1) voxels
+    out, plus noise. `--dtype bfloat16` times both paths in bf16. On CPU only the reference is timed.
+    """
+    import msda_triton
+
+    p = argparse.ArgumentParser(prog="bench.py msda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    opt = p.parse_args(rest)
+    dev, dtype, B = args.device, getattr(torch, opt.dtype), args.batch or 1
+    iters = args.iters or (20 if dev.startswith("cuda") else 3)
+    nH, Dh, P = 8, 32, 4
+    run_triton = dev.startswith("cuda") and msda_triton.HAS_TRITON
+    note = None if run_triton else (
+        "triton kernel skipped: it needs a CUDA device (the CPU interpreter is a correctness tool, see tests/)"
+        if msda_triton.HAS_TRITON else f"triton kernel skipped: triton not importable ({msda_triton._TRITON_ERROR})")
+    gen = torch.Generator().manual_seed(0)
+
+    def centres(shapes):  # voxel centres of each grid, flattened in C order over (h, w, d): (N, 3) in [0, 1]
+        axes = lambda s: torch.meshgrid(*[(torch.arange(n) + 0.5) / n for n in s], indexing="ij")  # noqa: E731
+        return torch.cat([torch.stack(axes(s), -1).reshape(-1, 3) for s in shapes])
+
+    def inputs(query_shapes, value_shapes):
+        spatial_shapes = torch.tensor(value_shapes, device=dev)
+        sizes = spatial_shapes.prod(1)
+        starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+        ref = centres(query_shapes)  # (Q, 3)
+        Q, L, S = len(ref), len(value_shapes), int(sizes.sum())
+        octant = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(nH)]) * 2.0 - 1  # one direction per head
+        radius = torch.arange(1, P + 1, dtype=torch.float32)  # point p sits p+1 voxels out
+        offset = octant[:, None, None, :] * radius[None, None, :, None]  # (nH, 1, P, 3) in voxels
+        offset = offset + 0.5 * torch.randn(B, Q, nH, L, P, 3, generator=gen)
+        loc = ref[None, :, None, None, None, :] + offset / torch.tensor(value_shapes, dtype=torch.float32)[:, None, :]
+        attn = torch.randn(B, Q, nH, L * P, generator=gen).softmax(-1).view(B, Q, nH, L, P)
+        value = torch.randn(B, S, nH, Dh, generator=gen)
+        cast = lambda t: t.to(dev, dtype).requires_grad_()  # noqa: E731
+        grad_out = torch.randn(B, Q, nH * Dh, generator=gen).to(dev, dtype)
+        return cast(value), spatial_shapes, starts, cast(loc), cast(attn), grad_out
+
+    def peak_mb(fn):  # peak memory above what the inputs already hold
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+
+    cases = {
+        "injector": ([(7, 7, 7)], [(28, 28, 28), (14, 14, 14), (7, 7, 7)]),
+        "extractor": ([(28, 28, 28), (14, 14, 14), (7, 7, 7)], [(7, 7, 7)]),
+    }
+    result = {"batch": B, "dtype": opt.dtype, "nH": nH, "Dh": Dh, "P": P}
+    print(f"MSDA on {dev}, batch {B}, {opt.dtype}, nH={nH} Dh={Dh} P={P}" + (f"  [{note}]" if note else ""))
+    print(f"{'case':10s} {'Q':>6s} {'S':>6s} {'backend':8s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'peak MB':>8s}")
+    for name, (qs, vs) in cases.items():
+        value, shapes, starts, loc, attn, grad_out = inputs(qs, vs)
+        Q, S = loc.shape[1], value.shape[1]
+        row = {"Q": Q, "S": S}
+        for backend in (["triton"] if run_triton else []) + ["torch"]:
+            fwd = lambda: msda_triton.msda(value, shapes, starts, loc, attn, backend=backend)  # noqa: E731
+            fwdbwd = lambda: torch.autograd.grad(fwd(), (value, loc, attn), grad_out)  # noqa: E731
+            with torch.no_grad():
+                row[f"fwd_ms_{backend}"] = round(timeit(fwd, warmup=2, iters=iters, device=dev), 3)
+            row[f"fwdbwd_ms_{backend}"] = round(timeit(fwdbwd, warmup=2, iters=iters, device=dev), 3)
+            if dev.startswith("cuda"):
+                row[f"peak_mb_{backend}"] = peak_mb(fwdbwd)
+            print(f"{name:10s} {Q:6d} {S:6d} {backend:8s} {row[f'fwd_ms_{backend}']:9.2f} "
+                  f"{row[f'fwdbwd_ms_{backend}']:11.2f} {row.get(f'peak_mb_{backend}', '-'):>8}")
+        if run_triton:
+            row["speedup_fwd"] = round(row["fwd_ms_torch"] / row["fwd_ms_triton"], 2)
+            row["speedup_fwdbwd"] = round(row["fwdbwd_ms_torch"] / row["fwdbwd_ms_triton"], 2)
+            row["mem_ratio"] = round(row["peak_mb_torch"] / max(row["peak_mb_triton"], 0.1), 2)
+            print(f"{name:10s} kernel vs reference: fwd x{row['speedup_fwd']}, fwd+bwd x{row['speedup_fwdbwd']}, "
+                  f"peak memory / {row['mem_ratio']}")
+        result[name] = row
+    if note:
+        result["note"] = note
+    return result
+
+def bench_step(args, rest):
+    """Step time and samples/s of the real training script: runs `pretrain.py <config>` for warm-up + timed
+    steps in a temporary out_dir and reads its log.jsonl (one log line per step), so what is measured is exactly
+    what training runs (data loading, batched augmentation, teacher, student, EMA). On a GPU the log also carries
+    the bf16 MFU estimate (pretrain.py's documented FLOP count / the device's dense bf16 peak) and peak memory.
+    Extra `--key=value` arguments are passed to pretrain.py (e.g. --batch_size=64 --compile=True)."""
+    import os
+    import subprocess
+    import tempfile
+
+    config = args.config or "configs/pretrain_demo.py"
+    warmup, timed = 2, args.iters or 5
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "pretrain.py", config, f"--out_dir={tmp}", f"--max_iters={warmup + timed}",
+               "--log_interval=1", "--ckpt_interval=100000", "--export_interval=100000",
+               "--visualize_at_end=False", f"--device={args.device}"]
+        if args.batch:
+            cmd.append(f"--batch_size={args.batch}")
+        cmd += rest
+        env = dict(os.environ)
+        if args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads)
+        print(" ".join(cmd))
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+        if res.returncode != 0:
+            raise SystemExit(res.stderr[-3000:])
+        lines = [json.loads(l) for l in open(os.path.join(tmp, "log.jsonl"))]
+    cfg = lines[0]["config"]
+    steps = [r for r in lines[1:] if "step" in r and r["step"] > warmup]
+    mean = lambda k: sum(r[k] for r in steps) / len(steps) if steps and k in steps[0] else None  # noqa: E731
+    sps = mean("samples_per_s")
+    out = {"config": config, "batch_size": cfg["batch_size"], "samples_per_s": sps,
+           "step_ms": 1e3 * cfg["batch_size"] / sps, "data_wait_frac": mean("data_wait_frac"),
+           "mfu": mean("mfu"), "peak_mem_gb": mean("peak_mem_gb"), "timed_steps": len(steps)}
+    print(f"{config}: batch {cfg['batch_size']}, {out['step_ms']:.0f} ms/step, {sps:.2f} samples/s, "
+          f"data wait {out['data_wait_frac']:.0%}" + (f", MFU {out['mfu']:.1%}" if out["mfu"] else ""))
+    return out
 
 
 if __name__ == "__main__":

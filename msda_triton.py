@@ -1,0 +1,485 @@
+"""
+3D multi-scale deformable attention (MSDA) — a Triton kernel and its pure-PyTorch reference.
+
+What it computes (Deformable DETR, Zhu et al. 2021, eq. 2, lifted to volumes as in 3DINO's ViT-Adapter):
+
+    out[b, q, h, :] = sum_l sum_p  A[b, q, h, l, p] * V_l[b, :, h]( loc[b, q, h, l, p] )
+
+where V_l is level l of the value pyramid and V(loc) is trilinear interpolation with zero padding — exactly
+F.grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False) on a 5-D volume.
+
+Shapes (B batch, Q queries, nH heads, Dh channels per head, L levels, P points per level and head):
+    value               (B, S, nH, Dh)       S = sum_l H_l*W_l*D_l, each level flattened in C order over (H, W, D)
+    spatial_shapes      (L, 3) long          (H_l, W_l, D_l), the project's volume layout (B, C, H, W, D)
+    level_start_index   (L,) long            offset of level l inside S
+    sampling_locations  (B, Q, nH, L, P, 3)  in [0, 1], ordered (h, w, d) like the volume; points outside are legal
+    attention_weights   (B, Q, nH, L, P)     usually a softmax over L*P (not required here)
+    -> output           (B, Q, nH*Dh)
+
+Axis convention (reference_spec.md §6.5, bug #2): grid_sample reads grid component 0 along the *last* axis.
+The reference 3DINO fed (w, h, d) and so anchored every query at a cyclically permuted voxel. Here the caller
+always speaks (h, w, d) and msda_reference reverses to grid_sample's (x, y, z) = (d, w, h) itself.
+A voxel-centre location ((i+.5)/H, (j+.5)/W, (k+.5)/D) returns voxel (i, j, k) exactly; tests pin this.
+
+Why a kernel: the reference materialises every sampled value before the weighted sum — for the adapter's
+extractor (25,039 queries x 8 heads x 4 points x 32 channels) that is ~100 MB per sample in fp32, and
+grid_sample's backward scatters ~2,300 contributions onto every voxel of the tiny 7^3 value grid with atomics.
+The kernel fuses sampling and the weighted sum (nothing is materialised) and reduces grad_value in registers.
+
+Use msda(...) — the dispatcher: Triton on CUDA, the reference on CPU, or force one with backend=.
+CPU parity check through the Triton interpreter:  TRITON_INTERPRET=1 python msda_triton.py
+"""
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+try:  # Triton ships Linux wheels only; without it msda() runs the reference.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON, _TRITON_ERROR = True, None
+except ImportError as e:  # pragma: no cover - exercised on macOS/Windows
+    HAS_TRITON, _TRITON_ERROR = False, e
+
+# Backward policy for grad_value (see "Backward" below). A level goes to the dense register-reduction kernel when
+# each of its voxels receives on average at least this many (query, point, corner) contributions, and it is
+# small enough that a one-hot tile over its voxels is cheap. Extractor: 25,039*4*8/343 ~ 2,300 -> dense.
+# Injector 28^3 level: 343*4*8/21,952 ~ 0.5 -> plain atomics. Tests lower/raise these to force each path.
+DENSE_MIN_HITS = 64  # mean contributions per voxel above which atomics contend enough to pay for the dense path
+DENSE_MAX_VOXELS = 4096  # the dense path costs O(Q * voxels * P * 8) compares; beyond this atomics are cheaper
+
+
+# ============ reference: pure PyTorch (what CPU runs use) ============
+
+
+def msda_reference(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """3D MSDA with F.grid_sample (trilinear, zero padding, align_corners=False). Shapes: see module docstring.
+
+    sampling_locations are (h, w, d) in [0, 1]: u maps to the voxel coordinate u*size - 0.5, so voxel i's centre
+    is (i + 0.5)/size. This function reverses them into grid_sample's (x, y, z) = (d, w, h) order.
+    """
+    B, S, nH, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    grids = 2 * sampling_locations.flip(-1) - 1  # (h, w, d) in [0,1] -> grid_sample's (x, y, z) = (d, w, h) in [-1,1]
+    sampled = []
+    for l, ((H, W, D), start) in enumerate(zip(spatial_shapes.tolist(), level_start_index.tolist())):
+        v = value[:, start : start + H * W * D]  # (B, H*W*D, nH, Dh)
+        v = v.permute(0, 2, 3, 1).reshape(B * nH, Dh, H, W, D)  # -> (B*nH, Dh, H, W, D)
+        g = grids[:, :, :, l].transpose(1, 2).reshape(B * nH, Q, P, 1, 3)  # (B, Q, nH, P, 3) -> (B*nH, Q, P, 1, 3)
+        s = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*nH, Dh, Q, P, 1)
+        sampled.append(s[..., 0])
+    sampled = torch.stack(sampled, dim=3)  # (B*nH, Dh, Q, L, P) — the tensor the kernel never materialises
+    a = attention_weights.transpose(1, 2).reshape(B * nH, 1, Q, L, P)  # (B, Q, nH, L, P) -> (B*nH, 1, Q, L, P)
+    out = (sampled * a).sum((-1, -2))  # (B*nH, Dh, Q)
+    return out.view(B, nH * Dh, Q).transpose(1, 2).contiguous()  # (B, nH*Dh, Q) -> (B, Q, nH*Dh)
+
+
+# ============ Triton kernels ============
+#
+# Pseudo-code of the forward, one program per (batch b, block of BLOCK_Q queries, head h):
+#
+#   acc[BLOCK_Q, Dh] = 0                                    # fp32 (fp64 for fp64 inputs)
+#   for l in levels:                                        # H, W, D, start loaded from small int tables
+#       for p in points:
+#           u = loc[b, q, h, l, p, :]                       # (h, w, d) in [0, 1]
+#           x = ((2u - 1 + 1) * size - 1) / 2               # voxel coords, grid_sample's own arithmetic
+#           x0 = floor(x); f = x - x0                       # 8 corners x0 + {0,1}^3, weights f or 1 - f per axis
+#           valid[q, c] = corner c inside the level          # zero padding: outside corners read nothing
+#           v[q, c, :] = value[b, start + flat(corner), h, :]    # ONE (BLOCK_Q, 8, Dh) masked gather
+#           acc += sum_c A[b,q,h,l,p] * w[q, c] * v[q, c, :]
+#   out[b, q, h, :] = acc
+#
+# Layout choices. The 8 corners are a tensor axis rather than an unrolled loop: the index math is done once per
+# point and the gather is one wide load. Channels are the contiguous axis (value is (B, S, nH, Dh), so a
+# corner's Dh channels are adjacent in memory) and are loaded as a vector over BLOCK_D = next power of two >= Dh
+# with a mask, so Dh = 32 and Dh = 24 both work; L, P, nH and Q are loop/grid extents and need not be powers
+# of two. Levels are looped inside the program, so the injector's three levels cost one launch.
+#
+# Backward, given g = dL/dout[b, q, h, :], with dot_c = <g, value at corner c>:
+#   dL/dA[b,q,h,l,p]   = sum_c w_c * dot_c
+#   dL/du_k            = A * size_k * sum_c (d w_c / d f_k) * dot_c      (d w_c / d f_k = +-1 times the other two
+#                                                                      factors; only in-bounds corners count)
+#   dL/dvalue[corner]  += A * w_c * g                                   (a scatter: many queries, one voxel)
+# The first two are per (query, head, level, point) and need no atomics: one program per query block writes
+# them. The scatter is the hard part. Two strategies, chosen per level from its expected contention:
+#   * "scatter" (large levels, e.g. the injector's 28^3): tl.atomic_add of each (BLOCK_Q, 8, Dh) corner tile.
+#     Contention is ~1 add per address, so atomics are nearly free.
+#   * "dense" (small, hot levels, e.g. the extractor: 25k queries on 7^3 = 343 voxels, ~2,300 adds per address):
+#     one program per (b*h, block of BLOCK_V voxels, slice of the queries) builds, for each query block, the
+#     one-hot weight matrix M[q, v] = sum_{p,c: corner(q,p,c) = v} A * w_c in registers and accumulates
+#     grad_value[v, :] += M^T @ g with tl.dot. The whole query slice is reduced in registers; each address then
+#     receives one atomic per slice instead of ~2,300 (slices are sized for ~4 programs per SM: 11 slices for
+#     the extractor at batch 1 on a 132-SM H100). It costs O(Q * voxels * P * 8) compare/selects, which is why
+#     it is reserved for small levels (DENSE_MAX_VOXELS). Thresholds and block sizes are first guesses: this
+#     file was written without a GPU, so `python bench.py msda` on one is the next step.
+# Sorting the (voxel, contribution) pairs would also remove contention but needs a global sort and a
+# materialised (Q*P*8, Dh) buffer — exactly the memory this file exists to avoid.
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _axis(u, size, ACC: tl.constexpr):
+        """Normalised coordinate u in [0, 1] along one axis of `size` voxels -> (lower corner index, fraction)."""
+        u = u.to(ACC)
+        # grid_sample's own arithmetic, ((g + 1) * size - 1) / 2 with g = 2u - 1, step by step, so that points on
+        # voxel centres floor to the same corner as the reference (location gradients are one-sided there).
+        # Clamping to [-2, size + 1] changes nothing (every corner is already outside) but keeps far-away points
+        # from overflowing the int32 cast.
+        x = ((u * 2 - 1 + 1) * size - 1) * 0.5
+        x = tl.minimum(tl.maximum(x, -2.0), size + 1.0)
+        x0 = tl.floor(x)
+        return x0.to(tl.int32), x - x0
+
+    @triton.jit
+    def _corners(loc_ptr, idx, mask_q, H, W, D, ACC: tl.constexpr):
+        """The 8 trilinear corners of BLOCK_Q points as a (BLOCK_Q, 8) tile: flat voxel index inside the level
+        (C order over H, W, D), in-bounds mask, and the per-axis weight factors (w = wh * ww * wd)."""
+        c = tl.arange(0, 8)
+        ch, cw, cd = (c // 4)[None, :], ((c // 2) % 2)[None, :], (c % 2)[None, :]  # corner offsets in {0, 1}
+        h0, fh = _axis(tl.load(loc_ptr + 3 * idx + 0, mask=mask_q, other=0.0), H, ACC)  # (h, w, d) order
+        w0, fw = _axis(tl.load(loc_ptr + 3 * idx + 1, mask=mask_q, other=0.0), W, ACC)
+        d0, fd = _axis(tl.load(loc_ptr + 3 * idx + 2, mask=mask_q, other=0.0), D, ACC)
+        hi, wi, di = h0[:, None] + ch, w0[:, None] + cw, d0[:, None] + cd
+        # zero padding: an outside corner reads nothing and receives nothing
+        valid = mask_q[:, None] & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (di >= 0) & (di < D)
+        wh = tl.where(ch == 1, fh[:, None], 1 - fh[:, None])  # d wh / d fh = +1 for the upper corner, -1 lower
+        ww = tl.where(cw == 1, fw[:, None], 1 - fw[:, None])
+        wd = tl.where(cd == 1, fd[:, None], 1 - fd[:, None])
+        return (hi * W + wi) * D + di, valid, wh, ww, wd
+
+    @triton.jit
+    def _msda_fwd_kernel(
+        # tensors (all contiguous)
+        value_ptr,  # (B, S, nH, Dh)
+        shapes_ptr,  # (L, 3) int32: H_l, W_l, D_l
+        starts_ptr,  # (L,) int32: level start in S
+        loc_ptr,  # (B, Q, nH, L, P, 3)
+        attn_ptr,  # (B, Q, nH, L, P)
+        out_ptr,  # (B, Q, nH, Dh), dtype of value
+        # sizes
+        S, Q, nH, Dh, L, P,
+        # meta-parameters
+        ACC: tl.constexpr,  # accumulation dtype: tl.float32 (tl.float64 for fp64 inputs)
+        BLOCK_Q: tl.constexpr,  # queries per program
+        BLOCK_D: tl.constexpr,  # next power of two >= Dh
+    ):
+        b, pid_q, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_q, mask_d = offs_q < Q, offs_d < Dh
+        acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
+        for l in range(L):
+            H, W, D = tl.load(shapes_ptr + 3 * l), tl.load(shapes_ptr + 3 * l + 1), tl.load(shapes_ptr + 3 * l + 2)
+            start = tl.load(starts_ptr + l)
+            for p in range(P):
+                idx = (((b * Q + offs_q) * nH + h) * L + l) * P + p  # (BLOCK_Q,) into attn; 3*idx into loc
+                a = tl.load(attn_ptr + idx, mask=mask_q, other=0.0).to(ACC)
+                flat, valid, wh, ww, wd = _corners(loc_ptr, idx, mask_q, H, W, D, ACC)
+                rows = (b * S + start + flat) * nH + h  # (BLOCK_Q, 8) value rows of the corners
+                v = tl.load(  # (BLOCK_Q, 8, BLOCK_D): one gather of all corners' channel vectors
+                    value_ptr + rows[:, :, None] * Dh + offs_d[None, None, :],
+                    mask=valid[:, :, None] & mask_d[None, None, :], other=0.0,
+                ).to(ACC)
+                acc += tl.sum((a[:, None] * wh * ww * wd)[:, :, None] * v, axis=1)
+        out_rows = (b * Q + offs_q) * nH + h
+        tl.store(out_ptr + out_rows[:, None] * Dh + offs_d[None, :], acc, mask=mask_q[:, None] & mask_d[None, :])
+
+    @triton.jit
+    def _msda_bwd_kernel(
+        # tensors (all contiguous)
+        value_ptr,  # (B, S, nH, Dh)
+        shapes_ptr,  # (L, 3) int32
+        starts_ptr,  # (L,) int32
+        mode_ptr,  # (L,) int32: 0 = scatter grad_value here with atomics, 1 = the dense kernel does it, 2 = not needed
+        loc_ptr,  # (B, Q, nH, L, P, 3)
+        attn_ptr,  # (B, Q, nH, L, P)
+        grad_out_ptr,  # (B, Q, nH, Dh)
+        grad_value_ptr,  # (B, S, nH, Dh) in ACC dtype, zero-initialised
+        grad_loc_ptr,  # (B, Q, nH, L, P, 3) in ACC dtype
+        grad_attn_ptr,  # (B, Q, nH, L, P) in ACC dtype
+        # sizes
+        S, Q, nH, Dh, L, P,
+        # meta-parameters
+        ACC: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        b, pid_q, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_q, mask_d = offs_q < Q, offs_d < Dh
+        rows_q = (b * Q + offs_q) * nH + h
+        mask_g = mask_q[:, None] & mask_d[None, :]
+        g = tl.load(grad_out_ptr + rows_q[:, None] * Dh + offs_d[None, :], mask=mask_g, other=0.0).to(ACC)
+        c = tl.arange(0, 8)
+        sh, sw, sd = (c // 4 * 2 - 1)[None, :], ((c // 2) % 2 * 2 - 1)[None, :], (c % 2 * 2 - 1)[None, :]  # d w / d f
+        for l in range(L):
+            H, W, D = tl.load(shapes_ptr + 3 * l), tl.load(shapes_ptr + 3 * l + 1), tl.load(shapes_ptr + 3 * l + 2)
+            start = tl.load(starts_ptr + l)
+            scatter = tl.load(mode_ptr + l) == 0
+            for p in range(P):
+                idx = (((b * Q + offs_q) * nH + h) * L + l) * P + p
+                a = tl.load(attn_ptr + idx, mask=mask_q, other=0.0).to(ACC)
+                flat, valid, wh, ww, wd = _corners(loc_ptr, idx, mask_q, H, W, D, ACC)
+                rows = (b * S + start + flat) * nH + h
+                ptrs = rows[:, :, None] * Dh + offs_d[None, None, :]  # (BLOCK_Q, 8, BLOCK_D)
+                mask3 = valid[:, :, None] & mask_d[None, None, :]
+                v = tl.load(value_ptr + ptrs, mask=mask3, other=0.0).to(ACC)
+                dot = tl.sum(v * g[:, None, :], axis=2)  # (BLOCK_Q, 8): <g, corner value>, 0 outside the volume
+                tl.store(grad_attn_ptr + idx, tl.sum(wh * ww * wd * dot, axis=1), mask=mask_q)
+                # chain rule through x = u * size - 0.5 and f = x - floor(x): d f / d u = size
+                tl.store(grad_loc_ptr + 3 * idx + 0, a * H * tl.sum(sh * ww * wd * dot, axis=1), mask=mask_q)
+                tl.store(grad_loc_ptr + 3 * idx + 1, a * W * tl.sum(sw * wh * wd * dot, axis=1), mask=mask_q)
+                tl.store(grad_loc_ptr + 3 * idx + 2, a * D * tl.sum(sd * wh * ww * dot, axis=1), mask=mask_q)
+                if scatter:  # low-contention level: atomics straight from the registers
+                    contrib = (a[:, None] * wh * ww * wd)[:, :, None] * g[:, None, :]  # (BLOCK_Q, 8, BLOCK_D)
+                    tl.atomic_add(grad_value_ptr + ptrs, contrib, mask=mask3)
+
+    @triton.jit
+    def _msda_bwd_value_dense_kernel(
+        # tensors (all contiguous)
+        loc_ptr,  # (B, Q, nH, L, P, 3)
+        attn_ptr,  # (B, Q, nH, L, P)
+        grad_out_ptr,  # (B, Q, nH, Dh)
+        grad_value_ptr,  # (B, S, nH, Dh) in ACC dtype
+        # the level this launch reduces
+        l, H, W, D, start,
+        # sizes
+        S, Q, nH, Dh, L, P,
+        Q_PER_SPLIT,  # queries handled by one program (a multiple of BLOCK_Q)
+        # meta-parameters
+        ACC: tl.constexpr,
+        BLOCK_Q: tl.constexpr,  # queries per inner step (>= 16 for tl.dot)
+        BLOCK_V: tl.constexpr,  # voxels owned by a program (>= 16 for tl.dot)
+        BLOCK_D: tl.constexpr,  # >= 16 for tl.dot
+    ):
+        bh, pid_v, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // nH, bh % nH
+        offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)  # voxel index inside the level, C order over (H, W, D)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < Dh
+        acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=ACC)
+        for q_start in range(pid_s * Q_PER_SPLIT, tl.minimum(pid_s * Q_PER_SPLIT + Q_PER_SPLIT, Q), BLOCK_Q):
+            offs_q = q_start + tl.arange(0, BLOCK_Q)
+            mask_q = offs_q < Q
+            rows_q = (b * Q + offs_q) * nH + h
+            mask_g = mask_q[:, None] & mask_d[None, :]
+            g = tl.load(grad_out_ptr + rows_q[:, None] * Dh + offs_d[None, :], mask=mask_g, other=0.0).to(ACC)
+            m = tl.zeros((BLOCK_Q, BLOCK_V), dtype=ACC)  # M[q, v]: total weight with which query q reads voxel v
+            for p in range(P):
+                idx = (((b * Q + offs_q) * nH + h) * L + l) * P + p
+                a = tl.load(attn_ptr + idx, mask=mask_q, other=0.0).to(ACC)
+                flat, valid, wh, ww, wd = _corners(loc_ptr, idx, mask_q, H, W, D, ACC)
+                # an outside corner's flat index can alias a real voxel: zero its weight
+                wgt = tl.where(valid, a[:, None] * wh * ww * wd, 0.0)
+                hit = flat[:, :, None] == offs_v[None, None, :]  # (BLOCK_Q, 8, BLOCK_V) one-hot
+                m += tl.sum(tl.where(hit, wgt[:, :, None], 0.0), axis=1)
+            acc += tl.dot(tl.trans(m), g, input_precision="ieee")  # (BLOCK_V, BLOCK_Q) @ (BLOCK_Q, BLOCK_D)
+        rows_v = (b * S + start + offs_v) * nH + h
+        mask_v = offs_v < H * W * D
+        mask_out = mask_v[:, None] & mask_d[None, :]
+        tl.atomic_add(grad_value_ptr + rows_v[:, None] * Dh + offs_d[None, :], acc, mask=mask_out)  # once per slice
+
+
+# ============ wrappers: launch, autograd, dispatcher ============
+
+
+def _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    """Validate shapes once (clear errors beat out-of-bounds reads); return host copies of shapes and starts."""
+    if value.dim() != 4:
+        raise ValueError(f"msda: value must be (B, S, nH, Dh), got {tuple(value.shape)}")
+    B, S, nH, Dh = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 3:
+        raise ValueError(f"msda: sampling_locations must be (B, Q, nH, L, P, 3), got {tuple(sampling_locations.shape)}")
+    _, Q, _, L, P, _ = sampling_locations.shape
+    if tuple(sampling_locations.shape[:3]) != (B, Q, nH):
+        raise ValueError(
+            f"msda: sampling_locations {tuple(sampling_locations.shape)} does not match value {tuple(value.shape)}"
+        )
+    if tuple(attention_weights.shape) != (B, Q, nH, L, P):
+        raise ValueError(f"msda: attention_weights must be {(B, Q, nH, L, P)}, got {tuple(attention_weights.shape)}")
+    if tuple(spatial_shapes.shape) != (L, 3) or tuple(level_start_index.shape) != (L,):
+        raise ValueError(f"msda: spatial_shapes must be ({L}, 3) and level_start_index ({L},)")
+    shapes, starts = spatial_shapes.tolist(), level_start_index.tolist()  # tiny; one sync on CUDA
+    if sum(h * w * d for h, w, d in shapes) != S:
+        raise ValueError(f"msda: value has S={S} tokens but spatial_shapes {shapes} sum to a different count")
+    if max(value.numel(), sampling_locations.numel()) >= 2**31:
+        raise ValueError("msda: the kernel indexes with int32; split the batch")
+    return shapes, starts
+
+
+def _acc_dtype(value):
+    return (tl.float64, torch.float64) if value.dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def _pow2(n, lo=1):
+    return max(lo, triton.next_power_of_2(n))
+
+
+def _block_q(Q, Dh):
+    # the (BLOCK_Q, 8, BLOCK_D) corner gather should stay in registers: <= 4096 elements, 32 per thread at
+    # 4 warps (BLOCK_Q = 16 at Dh = 32). A first guess, not tuned on hardware yet.
+    return max(1, min(4096 // (8 * _pow2(Dh)), _pow2(Q)))
+
+
+def _msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    shapes, starts = _check(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    B, S, nH, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    dev = value.device
+    shapes_t = torch.tensor(shapes, dtype=torch.int32, device=dev)
+    starts_t = torch.tensor(starts, dtype=torch.int32, device=dev)
+    out = torch.empty(B, Q, nH, Dh, dtype=value.dtype, device=dev)
+    BLOCK_Q = _block_q(Q, Dh)
+    _msda_fwd_kernel[(B, triton.cdiv(Q, BLOCK_Q), nH)](
+        value, shapes_t, starts_t, sampling_locations, attention_weights, out,
+        S, Q, nH, Dh, L, P,
+        ACC=_acc_dtype(value)[0], BLOCK_Q=BLOCK_Q, BLOCK_D=_pow2(Dh),
+    )
+    return out.view(B, Q, nH * Dh), (shapes, starts, shapes_t, starts_t)
+
+
+def _msda_backward(
+    grad_out, value, sampling_locations, attention_weights, shapes, starts, shapes_t, starts_t, need_value
+):
+    B, S, nH, Dh = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    dev = value.device
+    acc_tl, acc_torch = _acc_dtype(value)
+    # grad_value policy per level (see the comment above the kernels)
+    hits = [Q * P * 8 / (h * w * d) for h, w, d in shapes]  # mean contributions per voxel, per batch and head
+    dense = [need_value and n >= DENSE_MIN_HITS and h * w * d <= DENSE_MAX_VOXELS for n, (h, w, d) in zip(hits, shapes)]
+    mode = [(1 if dn else 0) if need_value else 2 for dn in dense]
+    mode_t = torch.tensor(mode, dtype=torch.int32, device=dev)
+    # fp32 accumulator (cast at the end); never touched by the kernels when value needs no gradient
+    grad_value = torch.zeros(B, S, nH, Dh, dtype=acc_torch, device=dev) if need_value else torch.empty(0, device=dev)
+    grad_loc = torch.empty(sampling_locations.shape, dtype=acc_torch, device=dev)
+    grad_attn = torch.empty(attention_weights.shape, dtype=acc_torch, device=dev)
+    BLOCK_Q = _block_q(Q, Dh)
+    _msda_bwd_kernel[(B, triton.cdiv(Q, BLOCK_Q), nH)](
+        value, shapes_t, starts_t, mode_t, sampling_locations, attention_weights, grad_out,
+        grad_value, grad_loc, grad_attn,
+        S, Q, nH, Dh, L, P,
+        ACC=acc_tl, BLOCK_Q=BLOCK_Q, BLOCK_D=_pow2(Dh),
+    )
+    # dense levels: split the queries so the grid fills the GPU (~4 programs per SM); each split adds its
+    # register-reduced tile once. On CPU (interpreter) two splits keep that atomic path under test.
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+    BQ, BV = 16, 64  # (BQ, 8, BV) one-hot compares stay in registers
+    for l, ((H, W, D), start) in enumerate(zip(shapes, starts)):
+        if not dense[l]:
+            continue
+        n_v = triton.cdiv(H * W * D, BV)
+        n_qblocks = triton.cdiv(Q, BQ)
+        if dev.type == "cuda":
+            n_split = max(1, min(n_qblocks, triton.cdiv(4 * n_sm, B * nH * n_v)))
+        else:
+            n_split = min(n_qblocks, 2)
+        q_per_split = triton.cdiv(n_qblocks, n_split) * BQ
+        _msda_bwd_value_dense_kernel[(B * nH, n_v, triton.cdiv(Q, q_per_split))](
+            sampling_locations, attention_weights, grad_out, grad_value,
+            l, H, W, D, start,
+            S, Q, nH, Dh, L, P,
+            q_per_split,
+            ACC=acc_tl, BLOCK_Q=BQ, BLOCK_V=BV, BLOCK_D=_pow2(Dh, 16),
+        )
+    return grad_value, grad_loc, grad_attn
+
+
+class MSDAFunction(torch.autograd.Function):
+    """Triton forward/backward. Inputs may be fp32, bf16, fp16 (fp64 too, accumulated in fp64); each gradient is
+    returned in its input's dtype, accumulated in fp32."""
+
+    @staticmethod
+    def forward(ctx, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        value, sampling_locations, attention_weights = (
+            t.contiguous() for t in (value, sampling_locations, attention_weights)
+        )
+        out, meta = _msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        ctx.save_for_backward(value, sampling_locations, attention_weights)
+        ctx.meta = meta
+        return out
+
+    @staticmethod
+    @once_differentiable  # the backward kernels are not themselves differentiable: error, not silent zeros
+    def backward(ctx, grad_out):
+        value, sampling_locations, attention_weights = ctx.saved_tensors
+        B, S, nH, Dh = value.shape
+        grad_out = grad_out.contiguous().view(B, -1, nH, Dh)  # (B, Q, nH*Dh) -> (B, Q, nH, Dh)
+        need_value = ctx.needs_input_grad[0]
+        gv, gl, ga = _msda_backward(grad_out, value, sampling_locations, attention_weights, *ctx.meta, need_value)
+        return (
+            gv.to(value.dtype) if ctx.needs_input_grad[0] else None,
+            None,
+            None,
+            gl.to(sampling_locations.dtype) if ctx.needs_input_grad[3] else None,
+            ga.to(attention_weights.dtype) if ctx.needs_input_grad[4] else None,
+        )
+
+
+def msda(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """3D multi-scale deformable attention, (B, S, nH, Dh) values -> (B, Q, nH*Dh). Shapes: module docstring.
+
+    backend=None: the Triton kernel for CUDA tensors (when Triton imports), the PyTorch reference otherwise.
+    backend="triton" / "torch" forces one; "triton" on CPU tensors needs TRITON_INTERPRET=1 set before import.
+    """
+    if backend is None:
+        backend = "triton" if HAS_TRITON and value.is_cuda else "torch"
+    if backend == "torch":
+        return msda_reference(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if backend != "triton":
+        raise ValueError(f"msda: backend must be None, 'triton' or 'torch', got {backend!r}")
+    if not HAS_TRITON:
+        raise RuntimeError(f"msda: backend='triton' but triton is not importable ({_TRITON_ERROR}); use 'torch'")
+    if not value.is_cuda and type(_msda_fwd_kernel).__name__ != "InterpretedFunction":  # compiled, not interpreted
+        raise RuntimeError("msda: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before the import")
+    return MSDAFunction.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+# ============ parity self-check ============
+
+if __name__ == "__main__":
+    import os
+    import sys
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        os.environ["TRITON_INTERPRET"] = "1"  # the flag is read when kernels are defined: restart with it set
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    shapes = torch.tensor([[3, 4, 5], [2, 3, 2]], device=dev)
+    starts = torch.cat([shapes.new_zeros(1), shapes.prod(1).cumsum(0)[:-1]])
+    B, Q, nH, Dh, P = 2, 13, 3, 6, 3
+    S, L = int(shapes.prod(1).sum()), len(shapes)
+    ok = True
+    dtypes = [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)]  # bf16 against the fp32 reference on rounded inputs
+    cases = [(dt, tol, path) for dt, tol in dtypes for path in ("scatter", "dense")]
+    for dtype, tol, path in cases:
+        DENSE_MIN_HITS = 0 if path == "dense" else float("inf")  # force each grad_value strategy
+        value = torch.randn(B, S, nH, Dh, device=dev).to(dtype).requires_grad_()
+        loc = (torch.rand(B, Q, nH, L, P, 3, device=dev) * 1.4 - 0.2).to(dtype).requires_grad_()  # some outside
+        attn = torch.rand(B, Q, nH, L, P, device=dev).to(dtype).requires_grad_()
+        g = torch.randn(B, Q, nH * Dh, device=dev)
+        results = {}
+        for backend in ("torch", "triton"):
+            args = [t.float() if backend == "torch" else t for t in (value, loc, attn)]  # reference in fp32
+            out = msda(args[0], shapes, starts, args[1], args[2], backend=backend)
+            results[backend] = [out, *torch.autograd.grad(out.float(), (value, loc, attn), g)]
+        for name, a, b in zip(["out", "grad_value", "grad_loc", "grad_attn"], results["triton"], results["torch"]):
+            err = ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-6)).item()
+            ok &= err < tol
+            print(f"{str(dtype):15s} {path:8s} {name:10s} max rel err {err:.2e} {'ok' if err < tol else 'FAIL'}")
+    sys.exit(0 if ok else 1)
