@@ -1,0 +1,622 @@
+"""
+augment.py — 3DINO's random views, batched on (B, C, H, W, D) tensors (spec §5.4–5.8).
+
+One training sample of 3DINO is 10 views of one volume: 2 global crops (96³) and 8 local crops (48³), each a
+RandomResizedCrop3d (RRC3D) followed by random flips/rot90s and MONAI-1.3 intensity transforms, plus the iBOT
+masks of the global crops. The reference runs all of this per sample inside 32 DataLoader workers (MONAI, one
+volume and one crop at a time). Here the work is split in two:
+
+    worker (data.py)                      training process (this file, on the training device)
+    ----------------                      ------------------------------------------------------
+    box = sample_crop_box(shape, ...)     crops -> device -> resize_crops  (B, 1, S, S, S)
+    read only that box from the cache     global_view_1 / global_view_2 / local_views  (batched)
+                                          make_masks  ->  make_views returns the collated dict
+
+Every random draw goes through an explicit `torch.Generator` (spec §9 #5: MONAI's per-transform NumPy states
+replay the same stream in every worker). Every batched transform draws its parameters *per sample*, and each
+sample decides on its own whether the transform applies (`torch.rand(B) < p`), as the per-sample reference does.
+A view recipe first draws all its parameters for the whole batch on the generator's device (a CPU generator is
+the normal case, also for CUDA data), then applies them chunk by chunk (see "Plans" below). The Gaussian-noise
+voxels are drawn on the data's device from per-sample seeds, so a CPU generator gives the same views on CPU and
+CUDA except for those noise values; every output is reproducible under a seed on a given device.
+
+What it costs (bench.py augment; 2 CPU cores; one sample = 2×96³ + 8×48³ views): ~20 ms resizing, ~45 ms
+augmenting, plus the data worker's box reads. On CPU the batched path does the same arithmetic as a per-sample
+one; the win is reading 10 boxes from the prepared cache instead of decompressing the whole .nii.gz per sample.
+On a GPU, make_views runs the whole batch in a few ms.
+
+Layout: volumes are (B, C, H, W, D); H/W in-plane, D through-plane (spec §5.3). "Spatial axis a" means tensor
+dim 2 + a, as in MONAI's `spatial_axis`.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------
+# RandomResizedCrop3d: the box (drawn in the data workers) and the resize (done batched on the device)
+
+
+def sample_crop_box(
+    shape: tuple[int, int, int],
+    in_slice_scale: tuple[float, float],
+    cross_slice_scale: tuple[float, float],
+    generator: torch.Generator,
+    ratio: tuple[float, float] = (0.9, 1 / 0.9),
+) -> tuple[int, int, int, int, int, int]:
+    """Draw one RRC3D box `(h0, w0, d0, ch, cw, cd)` inside a volume of spatial `shape = (h, w, d)` (spec §5.4).
+
+    In-plane (torchvision RandomResizedCrop, up to 10 attempts):
+        area = h·w·U(a0, a1),   r = exp(U(log r0, log r1)),   cw = round(√(area·r)),   ch = round(√(area/r)),
+        accepted if 0 < cw ≤ w and 0 < ch ≤ h.
+    Fallback after 10 rejections: the whole slice, with the aspect clamped to [r0, r1]
+        (ch = round(w / r0) if w/h < r0;  cw = round(h · r1) if w/h > r1).
+    Through-plane, independently: cd = round(d · U(c0, c1)).
+    Each extent is clamped to the volume (min(dim, crop), 0 -> dim) and the origin drawn uniformly over the valid
+    positions, randint(0, dim − crop + 1) per axis. The crop is resized to a cube later (`resize_crops`), so
+    the physical aspect ratio is not kept (spec §9 #4).
+
+    A pure function of `generator` (CPU): the same seed gives the same box.
+    """
+    h, w, d = (int(s) for s in shape)
+    a0, a1 = in_slice_scale
+    c0, c1 = cross_slice_scale
+    log_r0, log_r1 = math.log(ratio[0]), math.log(ratio[1])
+
+    # in-plane: torchvision-style area + aspect sampling
+    ch = cw = None
+    for _ in range(10):
+        u_area, u_ratio = torch.rand(2, generator=generator).tolist()
+        area = h * w * (a0 + (a1 - a0) * u_area)
+        r = math.exp(log_r0 + (log_r1 - log_r0) * u_ratio)  # r = cw / ch
+        cw_try, ch_try = int(round(math.sqrt(area * r))), int(round(math.sqrt(area / r)))
+        if 0 < cw_try <= w and 0 < ch_try <= h:
+            ch, cw = ch_try, cw_try
+            break
+    if ch is None:  # fallback: whole slice, aspect clamped into [r0, r1]
+        ch, cw = h, w
+        if w / h < min(ratio):
+            ch = int(round(w / min(ratio)))
+        elif w / h > max(ratio):
+            cw = int(round(h * max(ratio)))
+
+    # through-plane: an independent length fraction
+    u_d = torch.rand(1, generator=generator).item()
+    cd = int(round(d * (c0 + (c1 - c0) * u_d)))
+
+    # clamp to the volume (0 means "the whole axis"), then a uniform origin per axis
+    ch, cw, cd = (min(dim, c) if c > 0 else dim for dim, c in ((h, ch), (w, cw), (d, cd)))
+    h0 = int(torch.randint(0, h - ch + 1, (1,), generator=generator))
+    w0 = int(torch.randint(0, w - cw + 1, (1,), generator=generator))
+    d0 = int(torch.randint(0, d - cd + 1, (1,), generator=generator))
+    return h0, w0, d0, ch, cw, cd
+
+
+def resize_crops(crops: list[torch.Tensor], size: int) -> torch.Tensor:
+    """Resize crops of any shapes `(C, h, w, d)` to one batch of cubes `(n, C, size, size, size)` (RRC3D resize).
+
+    Trilinear with align_corners=False and no antialiasing, as the reference: output voxel i of an axis samples
+    the input at (i + ½)·in/out − ½ and mixes its 2 neighbours, so each output voxel reads 8 input voxels.
+    One `F.interpolate` per crop: crops differ in shape, and on 2 CPU cores this loop was ~10× faster than
+    padding all crops to one tensor and calling `grid_sample` once (measured in bench.py's development).
+    """
+    out = torch.empty(len(crops), crops[0].shape[0], size, size, size, dtype=crops[0].dtype, device=crops[0].device)
+    for i, c in enumerate(crops):
+        out[i] = F.interpolate(c[None], size=(size, size, size), mode="trilinear", align_corners=False)[0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plans: draw every random parameter for the whole batch first, then apply chunk by chunk
+#
+# A transform is a pair: `_plan_<name>(n, p, g, ...)` draws its per-sample parameters for all n samples (small
+# CPU-or-generator-device tensors: an "apply" flag per sample plus γ, σ, k, ...) and returns
+# (apply_fn, params); `apply_fn(x_chunk, params_chunk)` transforms a slice of the batch, in place where it can,
+# and returns the result. `_run_plan` applies a list of such steps to x in chunks of samples.
+# Why chunks: on CPU every transform is a few passes over memory; a whole batch of 96³ crops (3.5 MB each) falls
+# out of the caches between passes, and running the 10–20 steps of a view recipe one cache-sized chunk at a time
+# was ~1.5× faster (measured: 16 vs 29 ms CPU per global crop). On CUDA the chunk is the whole batch.
+# Because the draws happen before the chunking, the output does not depend on the chunk size.
+
+CPU_CHUNK_BYTES = 4 << 20  # samples per chunk on CPU: as many as fit in ~4 MB (1 global crop, 9 local crops)
+
+
+def _chunk_size(x):
+    if x.device.type != "cpu":
+        return x.shape[0]
+    return max(1, CPU_CHUNK_BYTES // (x[0].numel() * x.element_size()))
+
+
+def _run_plan(x, plan):
+    """Apply the steps of `plan` to x (B, C, H, W, D) in place, chunk by chunk; returns x."""
+    c = _chunk_size(x)
+    for i0 in range(0, x.shape[0], c):
+        xc = x[i0:i0 + c]
+        ptr = xc.data_ptr()
+        for fn, prm in plan:
+            xc = fn(xc, {k: v[i0:i0 + c] for k, v in prm.items()})
+        if xc.data_ptr() != ptr:  # the last steps returned a new tensor: write it back
+            x[i0:i0 + c] = xc
+    return x
+
+
+def _coin(n, p, g):
+    """(n,) bool on g's device: sample i applies a transform of probability p (MONAI's `R.rand() < prob`)."""
+    return torch.rand(n, generator=g, device=g.device) < p
+
+
+def _uniform(shape, lo, hi, g):
+    return lo + (hi - lo) * torch.rand(shape, generator=g, device=g.device)
+
+
+def _indices(apply, device):
+    """Indices of the flagged samples (apply: (n,) bool on the generator's device), on the data's device."""
+    return apply.nonzero().flatten().to(device)
+
+
+def _select(x, idx):
+    """x[idx] — or x itself when every sample is flagged (saves a copy; we own x and may overwrite it)."""
+    return x if idx.numel() == x.shape[0] else x[idx]
+
+
+def _put(x, idx, y):
+    """Write the transformed samples back: y itself when every sample was flagged, else x with x[idx] = y."""
+    if idx.numel() == x.shape[0]:
+        return y
+    x[idx] = y
+    return x
+
+
+def _param(prm, key, idx, x):
+    """The parameter rows of the flagged samples, on x's device and dtype."""
+    return prm[key][idx.to(prm[key].device)].to(x.device, x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Geometric: flips and rot90 (after the resize, so every crop is a cube)
+
+
+def _plan_flip(n, axis, p, g):
+    def fn(x, prm):
+        idx = _indices(prm["apply"], x.device)
+        if idx.numel():
+            x[idx] = x[idx].flip(2 + axis)
+        return x
+
+    return fn, {"apply": _coin(n, p, g)}
+
+
+def _plan_rot90(n, plane, p, g):
+    a, b = 2 + plane[0], 2 + plane[1]
+
+    def fn(x, prm):
+        assert x.shape[a] == x.shape[b], f"rot90 in plane {plane} needs equal sides, got {tuple(x.shape)}"
+        for kk in (1, 2, 3):  # one batched rot90 per k
+            idx = _indices(prm["apply"] & (prm["k"] == kk), x.device)
+            if idx.numel():
+                x[idx] = torch.rot90(x[idx], kk, dims=(a, b))
+        return x
+
+    return fn, {"apply": _coin(n, p, g), "k": torch.randint(1, 4, (n,), generator=g, device=g.device)}
+
+
+def _plan_geometric(n, g, p=0.3):
+    """Spec §5.5 geometric part after RRC3D: flips of axes 0, 1, 2, then rot90 in planes (0,1), (1,2), (0,2)."""
+    return [_plan_flip(n, axis, p, g) for axis in (0, 1, 2)] + [
+        _plan_rot90(n, plane, p, g) for plane in ((0, 1), (1, 2), (0, 2))]
+
+
+def random_flip(x: torch.Tensor, axis: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """Flip spatial axis `axis` (0 = H, 1 = W, 2 = D) of each sample of x (B, C, H, W, D) with probability p:
+    y[b] = flip(x[b], axis) if U_b < p else x[b]  (MONAI RandFlip, numpy-style flip). x is not modified."""
+    return _run_plan(x.clone(), [_plan_flip(x.shape[0], axis, p, g)])
+
+
+def random_rot90(x: torch.Tensor, plane: tuple[int, int], p: float, g: torch.Generator) -> torch.Tensor:
+    """Rotate each sample by k·90°, k ~ U{1, 2, 3}, in spatial plane `plane` with probability p (MONAI RandRotate90,
+    max_k = 3). Same direction as `torch.rot90`/`np.rot90(x, k, axes=plane)`. The two sides must be equal (cubes)."""
+    return _run_plan(x.clone(), [_plan_rot90(x.shape[0], plane, p, g)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Intensity (MONAI 1.3 semantics, spec §5.6): a pure function with explicit per-sample parameters, then its plan.
+# Per-sample statistics (min, max) are over all of a sample's voxels and channels, as MONAI on one image.
+
+
+def _per_sample_min_max(x):
+    """(n,) min and max of each sample of x (n, C, H, W, D), shaped (n, 1, 1, 1, 1) for broadcasting."""
+    flat = x.flatten(1)  # (n, C, H, W, D) -> (n, C·H·W·D)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    return flat.amin(1).view(shape), flat.amax(1).view(shape)
+
+
+def adjust_contrast(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """MONAI AdjustContrast with a per-sample γ: x (n, C, H, W, D), gamma (n,).
+    m = min x,  r = max x − m,  y = ((x − m) / (r + 1e-7))^γ · r + m   (keeps min and max up to the 1e-7)."""
+    lo, hi = _per_sample_min_max(x)
+    rng = hi - lo
+    # t^γ as exp(γ·log t): ~3× faster than pow with a per-sample exponent on CPU; log 0 = −inf gives 0 as it should.
+    # In-place chain on our own temporary: fresh multi-MB allocations cost as much as the arithmetic here.
+    t = (x - lo).div_(rng + 1e-7)
+    return t.log_().mul_(gamma.to(x.device, x.dtype).view(-1, 1, 1, 1, 1)).exp_().mul_(rng).add_(lo)
+
+
+def _plan_gamma(n, p, g, gamma_range=(0.5, 2.0), apply=None):
+    def fn(x, prm):
+        idx = _indices(prm["apply"], x.device)
+        return _put(x, idx, adjust_contrast(_select(x, idx), _param(prm, "gamma", idx, x))) if idx.numel() else x
+
+    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "gamma": _uniform(n, *gamma_range, g)}
+
+
+def _plan_noise(n, p, g, std=0.002, apply=None):
+    # The noise itself is drawn at apply time from a per-sample seed, on the data's device: the same seed gives
+    # the same views whatever the chunking; CPU and CUDA noise differ (different generators) but are each
+    # reproducible, and the big draw never crosses the PCIe bus.
+    def fn(x, prm):
+        idx = _indices(prm["apply"], x.device)
+        for i in idx.tolist():
+            gi = torch.Generator(device=x.device).manual_seed(int(prm["seed"][i]))
+            noise = torch.randn(x.shape[1:], generator=gi, device=x.device, dtype=torch.float32)
+            x[i] += noise.mul_(float(prm["sigma"][i])).to(x.dtype)
+        return x
+
+    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "sigma": _uniform(n, 0.0, std, g),
+                "seed": torch.randint(0, 2**62, (n,), generator=g, device=g.device)}
+
+
+def histogram_map(x: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
+    """MONAI HistogramShift's intensity map with per-sample floating control points: x (n, C, H, W, D),
+    floating (n, K) non-decreasing from 0 to 1. With m = min x, r = max x − m and reference points
+    r_i = i/(K−1): y = interp(x; m + r·r_i -> m + r·f_i), piecewise linear. A constant image is left unchanged."""
+    n, K = floating.shape
+    f = floating.to(x.device, x.dtype)
+    lo, hi = _per_sample_min_max(x)
+    rng = hi - lo
+    # In units s = (K−1)·(x − m)/r the reference points are the integers 0..K−1, so a voxel in segment j = floor(s)
+    # maps to f_j + (s − j)·(f_{j+1} − f_j) = c_j + slope_j·s with c_j = f_j − j·slope_j; then back by r and m.
+    # A constant image (r = 0) gets s = 0 -> y = f_0 = 0 -> m: unchanged, like MONAI, without a branch.
+    s = (x - lo).mul_((K - 1) / torch.where(rng > 0, rng, 1)).flatten(1)  # (n, C, H, W, D) -> (n, V)
+    j = s.to(torch.int64).clamp_(0, K - 2)  # floor for s ≥ 0; the maximum s = K−1 stays in the last segment
+    slope = f[:, 1:] - f[:, :-1]  # (n, K−1)
+    c = f[:, :-1] - slope * torch.arange(K - 1, device=x.device, dtype=x.dtype)  # (n, K−1)
+    y = torch.gather(c, 1, j).addcmul_(torch.gather(slope, 1, j), s).view_as(x)  # (n, V) -> (n, C, H, W, D)
+    return y.mul_(rng).add_(lo)
+
+
+def _plan_histogram(n, p, g, num_control_points=10, apply=None):
+    K = num_control_points
+    # floating control points: start at the reference linspace(0, 1, K); interior point i ~ U(f_{i-1}, f_{i+1}),
+    # sequentially for i = 1..K-2, so f_{i-1} is already the *new* value and f_{i+1} still the reference one
+    f = torch.linspace(0, 1, K, device=g.device).repeat(n, 1)  # (n, K)
+    for i in range(1, K - 1):
+        f[:, i] = f[:, i - 1] + torch.rand(n, generator=g, device=g.device) * (f[:, i + 1] - f[:, i - 1])
+
+    def fn(x, prm):
+        idx = _indices(prm["apply"], x.device)
+        return _put(x, idx, histogram_map(_select(x, idx), _param(prm, "f", idx, x))) if idx.numel() else x
+
+    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "f": f}
+
+
+def gaussian_kernel_1d(sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
+    """MONAI's "erf" Gaussian taps for σ of shape (n,): k(t) = ½[erf((t+½)/(σ√2)) − erf((t−½)/(σ√2))],
+    t = −R..R with R = int(max(4σ, ½) + ½) per σ (taps beyond a sample's own R are 0); not renormalised, so
+    Σk is slightly below 1 for small σ. Returns (n, 2·R_max + 1), R_max the largest radius (or `radius`)."""
+    tails = (torch.clamp(4 * sigma, min=0.5) + 0.5).floor()  # (n,) per-sample radius R
+    R = int(tails.max()) if radius is None else radius
+    t = torch.arange(-R, R + 1, device=sigma.device, dtype=sigma.dtype)  # (2R+1,)
+    s = (sigma * math.sqrt(2)).unsqueeze(1)  # (n, 1)
+    k = 0.5 * (torch.erf((t + 0.5) / s) - torch.erf((t - 0.5) / s))  # (n, 2R+1)
+    return (k * (t.abs() <= tails.unsqueeze(1))).clamp(min=0)
+
+
+def _filter_matrix(sigma, L):
+    """(n, L, L) banded Toeplitz matrices M with M[i, j] = k(j − i): M @ v is the zero-padded 1-D correlation
+    of v (length L) with the erf kernel of σ (the kernel is symmetric, so M is too and correlation = convolution).
+    Taps that fall outside [0, L) are simply absent from the matrix, which is exactly zero padding."""
+    k = gaussian_kernel_1d(sigma)  # (n, 2R+1)
+    R = (k.shape[1] - 1) // 2
+    offset = torch.arange(L, device=sigma.device)[None, :] - torch.arange(L, device=sigma.device)[:, None]  # j − i
+    inside = offset.abs() <= R
+    M = k[:, (offset.clamp(-R, R) + R)]  # (n, L, L): k(j − i) where |j − i| ≤ R
+    return M * inside
+
+
+def gaussian_filter(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter with a different σ per sample and axis: x (n, C, H, W, D), sigma (n, 3).
+
+    y = x ⊛_H k_{σ_H} ⊛_W k_{σ_W} ⊛_D k_{σ_D}, zero padding, erf taps (`gaussian_kernel_1d`); MONAI's
+    GaussianFilter(approx="erf"). Each 1-D pass is a batched matmul with a banded (L, L) matrix per sample: ~L
+    multiply-adds per voxel instead of 2R+1 ≤ 13, but BLAS runs them so much faster than a grouped conv3d with
+    per-sample kernels (batch folded into channels) that it wins by 3-4× on CPU at L = 48..96 (and on GPU too).
+    """
+    n, C, H, W, D = x.shape
+    sigma = sigma.to(x.device, x.dtype)
+    Mh, Mw, Md = (_filter_matrix(sigma[:, a], L) for a, L in enumerate((H, W, D)))
+    y = torch.matmul(Mh.unsqueeze(1), x.reshape(n, C, H, W * D))  # (n,1,H,H) @ (n,C,H,W·D): filter along H
+    y = torch.matmul(Mw.view(n, 1, 1, W, W), y.view(n, C, H, W, D))  # (n,1,1,W,W) @ (n,C,H,W,D): along W
+    y = torch.matmul(y.view(n, C * H * W, D), Md)  # (n, C·H·W, D) @ (n, D, D) (M symmetric): along D
+    return y.view(n, C, H, W, D)
+
+
+def _plan_smooth(n, p, g, sigma_range=(0.25, 1.5), apply=None):
+    def fn(x, prm):
+        idx = _indices(prm["apply"], x.device)
+        return _put(x, idx, gaussian_filter(_select(x, idx), _param(prm, "sigma", idx, x))) if idx.numel() else x
+
+    # σ_H, σ_W, σ_D drawn independently per sample
+    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "sigma": _uniform((n, 3), *sigma_range, g)}
+
+
+def sharpen_filter(x: torch.Tensor, sigma1: torch.Tensor, sigma2: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """MONAI GaussianSharpen with per-sample parameters: x (n, C, H, W, D), sigma1 and sigma2 (n, 3), alpha (n,).
+    b1 = G_σ1(x),  b2 = G_σ2(b1),  y = b1 + α·(b1 − b2)   (`gaussian_filter`: erf taps, zero padding)."""
+    b1 = gaussian_filter(x, sigma1)
+    b2 = gaussian_filter(b1, sigma2)
+    a = alpha.to(x.device, x.dtype).view(-1, 1, 1, 1, 1)
+    return b2.sub_(b1).mul_(-a).add_(b1)  # b1 + α(b1 − b2), in place on the temporary b2
+
+
+def _plan_sharpen(n, p, g, sigma1_range=(0.5, 1.0), sigma2_min=0.5, alpha_range=(10.0, 30.0), apply=None):
+    apply = _coin(n, p, g) if apply is None else apply
+    sigma1 = _uniform((n, 3), *sigma1_range, g)  # (n, 3) per axis
+    sigma2 = sigma2_min + (sigma1 - sigma2_min) * torch.rand(n, 3, generator=g, device=g.device)  # U(0.5, σ1)
+    alpha = _uniform(n, *alpha_range, g)
+
+    def fn(x, prm):
+        idx = _indices(prm["apply"], x.device)
+        if not idx.numel():
+            return x
+        y = sharpen_filter(_select(x, idx), *(_param(prm, k, idx, x) for k in ("sigma1", "sigma2", "alpha")))
+        return _put(x, idx, y)
+
+    return fn, {"apply": apply, "sigma1": sigma1, "sigma2": sigma2, "alpha": alpha}
+
+
+def _gibbs_distances(shape, device):
+    """Distance of every k-space voxel to the centre (shape−1)/2 of the *fftshifted* spectrum, returned in the
+    unshifted FFT layout (ifftshift), together with the same array at the negated frequencies (-f mod L)."""
+    axes = [(torch.arange(L, device=device, dtype=torch.float64) - (L - 1) / 2) ** 2 for L in shape]
+    d2 = axes[0].view(-1, 1, 1) + axes[1].view(1, -1, 1) + axes[2].view(1, 1, -1)  # (H, W, D), shifted layout
+    dist = torch.fft.ifftshift(d2.sqrt())  # unshifted layout: index 0 = zero frequency
+    dist_neg = torch.roll(dist.flip(0, 1, 2), shifts=(1, 1, 1), dims=(0, 1, 2))  # dist_neg[f] = dist[−f mod L]
+    return dist, dist_neg
+
+
+def gibbs_filter(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """MONAI GibbsNoise with a per-sample α: x (n, C, H, W, D), alpha (n,).
+
+    Reference: X = fftshift(fftn(x)); keep voxels with ‖k − (shape−1)/2‖ ≤ r = (1−α)·max(shape)·√2/2, zero the
+    rest; y = real(ifftn(ifftshift(X·M))). Note: in 3D even α = 0 cuts the k-space corners (the corner distance
+    √3·(L−1)/2 exceeds L·√2/2), so it is the identity only for images without energy there.
+
+    Here: the mask M is not Hermitian-symmetric (the centre (L−1)/2 sits half a voxel off the zero frequency for
+    even L), but taking the real part projects X·M onto its Hermitian part, X·(M(f) + M(−f))/2, because X of a
+    real image is Hermitian. So y = irfftn(rfftn(x) · M_sym): half the FFT work, no complex output to discard.
+    """
+    n, C, H, W, D = x.shape
+    dist, dist_neg = _gibbs_distances((H, W, D), x.device)
+    r = ((1 - alpha.to(x.device, torch.float64)) * max(H, W, D) * math.sqrt(2) / 2).view(n, 1, 1, 1, 1)
+    dist, dist_neg = dist[..., : D // 2 + 1], dist_neg[..., : D // 2 + 1]  # rfft keeps f_D = 0..D/2
+    m_sym = 0.5 * ((dist <= r).to(x.dtype) + (dist_neg <= r).to(x.dtype))  # (n, 1, H, W, D//2+1)
+    X = torch.fft.rfftn(x, dim=(2, 3, 4))  # (n, C, H, W, D//2+1) complex
+    return torch.fft.irfftn(X * m_sym, s=(H, W, D), dim=(2, 3, 4))
+
+
+def _plan_gibbs(n, p, g, alpha_range=(0.0, 1.0), apply=None):
+    def fn(x, prm):
+        idx = _indices(prm["apply"], x.device)
+        return _put(x, idx, gibbs_filter(_select(x, idx), _param(prm, "alpha", idx, x))) if idx.numel() else x
+
+    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "alpha": _uniform(n, *alpha_range, g)}
+
+
+def gamma_contrast(x: torch.Tensor, p: float, g: torch.Generator, gamma_range=(0.5, 2.0)) -> torch.Tensor:
+    """RandAdjustContrast: γ ~ U(γ0, γ1) per sample, y = `adjust_contrast`(x, γ) with probability p."""
+    return _run_plan(x.clone(), [_plan_gamma(x.shape[0], p, g, gamma_range)])
+
+
+def gaussian_noise(x: torch.Tensor, p: float, g: torch.Generator, std=0.002) -> torch.Tensor:
+    """RandGaussianNoise: σ ~ U(0, std) per sample, y = x + σ·ε with ε ~ N(0, 1) per voxel (float32)."""
+    return _run_plan(x.clone(), [_plan_noise(x.shape[0], p, g, std)])
+
+
+def histogram_shift(x: torch.Tensor, p: float, g: torch.Generator, num_control_points=10) -> torch.Tensor:
+    """RandHistogramShift: a random monotone piecewise-linear intensity curve per sample (`histogram_map`).
+    Floating points f_0 = 0, f_{K−1} = 1, f_i ~ U(f_{i−1}, (i+1)/(K−1)) for i = 1..K−2 in order."""
+    return _run_plan(x.clone(), [_plan_histogram(x.shape[0], p, g, num_control_points)])
+
+
+def gaussian_smooth(x: torch.Tensor, p: float, g: torch.Generator, sigma_range=(0.25, 1.5)) -> torch.Tensor:
+    """RandGaussianSmooth: σ per axis ~ U(0.25, 1.5) independently per sample, y = G_σ(x) (`gaussian_filter`)."""
+    return _run_plan(x.clone(), [_plan_smooth(x.shape[0], p, g, sigma_range)])
+
+
+def gaussian_sharpen(x: torch.Tensor, p: float, g: torch.Generator, sigma1_range=(0.5, 1.0), sigma2_min=0.5,
+                     alpha_range=(10.0, 30.0)) -> torch.Tensor:
+    """RandGaussianSharpen (unsharp masking): per sample and axis σ1 ~ U(0.5, 1), σ2 ~ U(0.5, σ1); α ~ U(10, 30);
+    y = `sharpen_filter`(x, σ1, σ2, α) = b1 + α·(b1 − b2)."""
+    return _run_plan(x.clone(), [_plan_sharpen(x.shape[0], p, g, sigma1_range, sigma2_min, alpha_range)])
+
+
+def gibbs_noise(x: torch.Tensor, p: float, g: torch.Generator, alpha_range=(0.0, 1.0)) -> torch.Tensor:
+    """RandGibbsNoise: α ~ U(0, 1) per sample; y = `gibbs_filter`(x, α) (k-space truncation ringing; DINOv2's
+    solarisation slot)."""
+    return _run_plan(x.clone(), [_plan_gibbs(x.shape[0], p, g, alpha_range)])
+
+
+def one_of_choice(n: int, n_options: int, p: float, g: torch.Generator) -> torch.Tensor:
+    """Per-sample decision of MONAI `OneOf` over `n_options` equally weighted transforms, each with probability p:
+    option c ~ U{0..n_options−1}, then the chosen transform applies if U < p. Returns (n,) long on g's device,
+    c or −1 (nothing). With 3 options and p = 0.8: each option 0.8/3 ≈ 0.267, nothing 0.2."""
+    choice = torch.randint(0, n_options, (n,), generator=g, device=g.device)
+    applies = torch.rand(n, generator=g, device=g.device) < p
+    return torch.where(applies, choice, -1)
+
+
+def _plan_intensity_one_of(n, g, p=0.8):
+    """Spec §5.5 "colour jitter": OneOf{gamma contrast, Gaussian noise, histogram shift}, each with p = 0.8."""
+    c = one_of_choice(n, 3, p, g)
+    return [_plan_gamma(n, 1.0, g, apply=c == 0), _plan_noise(n, 1.0, g, apply=c == 1),
+            _plan_histogram(n, 1.0, g, apply=c == 2)]
+
+
+def intensity_one_of(x: torch.Tensor, g: torch.Generator, p: float = 0.8) -> torch.Tensor:
+    """OneOf{RandAdjustContrast, RandGaussianNoise, RandHistogramShift}(each p) per sample (`one_of_choice`)."""
+    return _run_plan(x.clone(), _plan_intensity_one_of(x.shape[0], g, p))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# View recipes (spec §5.5 table). Inputs are resized cube batches (B, C, S, S, S); each returns a new tensor.
+# All parameters of the whole recipe are drawn first (in the order of the steps), then it runs chunk by chunk.
+
+
+def _plan_global_view_1(n, g):
+    plan = _plan_geometric(n, g) + _plan_intensity_one_of(n, g)
+    c = one_of_choice(n, 2, 1.0, g)
+    return plan + [_plan_smooth(n, 1.0, g, apply=c == 0), _plan_sharpen(n, 1.0, g, apply=c == 1)]
+
+
+def _plan_global_view_2(n, g):
+    plan = _plan_geometric(n, g) + _plan_intensity_one_of(n, g)
+    c = one_of_choice(n, 2, 0.1, g)
+    return plan + [_plan_smooth(n, 1.0, g, apply=c == 0), _plan_sharpen(n, 1.0, g, apply=c == 1),
+                   _plan_gibbs(n, 0.2, g)]
+
+
+def _plan_local_views(n, g):
+    return _plan_geometric(n, g) + _plan_intensity_one_of(n, g) + [_plan_smooth(n, 0.5, g)]
+
+
+def global_view_1(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Global crop 1: flips/rot90 (p 0.3 each) → intensity OneOf → OneOf{smooth, sharpen} with p = 1
+    (every sample is blurred or sharpened, ½ each; DINOv2's blur p = 1.0)."""
+    return _run_plan(x.clone(), _plan_global_view_1(x.shape[0], g))
+
+
+def global_view_2(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Global crop 2: flips/rot90 → intensity OneOf → OneOf{smooth, sharpen} with p = 0.1 (10% in total) →
+    Gibbs noise p = 0.2 (DINOv2's blur 0.1 and solarise 0.2)."""
+    return _run_plan(x.clone(), _plan_global_view_2(x.shape[0], g))
+
+
+def local_views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Local crops: flips/rot90 → intensity OneOf → Gaussian smooth p = 0.5 (DINOv2's local blur 0.5)."""
+    return _run_plan(x.clone(), _plan_local_views(x.shape[0], g))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# iBOT masks (spec §5.7) and the assembled batch (spec §5.8)
+
+
+def make_masks(
+    n_crops: int,
+    grid: tuple[int, int, int],
+    mask_ratio_min_max: tuple[float, float] = (0.2, 0.75),
+    mask_probability: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """iBOT patch masks for the `n_crops` global crops of a batch, 3DINO's collate (spec §5.7).
+
+    n_masked = int(n_crops · mask_probability) crops get masks, with stratified ratios covering [min, max]:
+        p = linspace(min, max, n_masked + 1),   count_i = int(N · U(p_i, p_{i+1})),   i < n_masked,
+    each placed uniformly at random without replacement over the N = prod(grid) patches (no block masking); the
+    other crops get empty masks; the rows are then shuffled, so which crop (view, image) is masked is random.
+        masks             (n_crops, N) bool, C order over (h, w, d)
+        mask_indices_list (M,) long   flat indices into n_crops·N of the masked tokens
+        masks_weight      (M,) float  1 / count of the token's crop (each masked crop weighs 1 in the iBOT loss)
+        n_masked_patches  (1,) long   M
+        upperbound        int         Σ_i int(N · p_{i+1}) ≥ M, a static buffer length for the head calls
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    N = math.prod(grid)
+    n_masked = int(n_crops * mask_probability)
+    probs = torch.linspace(mask_ratio_min_max[0], mask_ratio_min_max[1], n_masked + 1, dtype=torch.float64)
+    masks = torch.zeros(n_crops, N, dtype=torch.bool)
+    upperbound = 0
+    u = torch.rand(n_masked, generator=g, dtype=torch.float64)
+    for i in range(n_masked):
+        count = int(N * float(probs[i] + (probs[i + 1] - probs[i]) * u[i]))
+        masks[i, torch.randperm(N, generator=g)[:count]] = True
+        upperbound += int(N * float(probs[i + 1]))
+    masks = masks[torch.randperm(n_crops, generator=g)]  # shuffle the rows (the reference: random.shuffle)
+    counts = masks.sum(1, keepdim=True).clamp(min=1)  # (n_crops, 1)
+    return {
+        "masks": masks,
+        "mask_indices_list": masks.flatten().nonzero().flatten(),
+        "masks_weight": (1.0 / counts).expand(n_crops, N)[masks].float(),
+        "n_masked_patches": torch.tensor([int(masks.sum())], dtype=torch.long),
+        "upperbound": upperbound,
+    }
+
+
+def make_views(
+    batch: dict,
+    global_size: int,
+    local_size: int,
+    patch_size: int,
+    generator: torch.Generator,
+    device,
+    mask_ratio_min_max: tuple[float, float] = (0.2, 0.75),
+    mask_probability: float = 0.5,
+) -> dict:
+    """Turn raw crop regions from `data.collate_pretrain` into the training batch (spec §5.8, without fp16 cast).
+
+    batch: {"global_crops": [view-0 list of B (C, h, w, d) tensors, view-1 list], "local_crops": n_local lists of
+    B tensors, "index": (B,)}. The crops are moved to `device` first, then resized to cubes (`resize_crops`) and
+    augmented there, one batched call per view recipe. Returns
+        global_crops (2B, C, S, S, S)       [view 0 of all images; view 1 of all images]
+        local_crops  (n_local·B, C, s, s, s) local-index major
+        masks (2B, N) bool on device, N = (S / patch_size)³, and the other `make_masks` keys.
+    """
+    to_dev = lambda crops: [c.to(device, torch.float32, non_blocking=True) for c in crops]  # noqa: E731
+    view0, view1 = batch["global_crops"]
+    B = len(view0)
+    # both global views resized into one (2B, C, S, S, S) tensor, each half augmented in place by its recipe (the
+    # public global_view_* would copy); all local crops in one (n_local·B, C, s, s, s) tensor, one recipe call
+    globals_ = resize_crops(to_dev(view0 + view1), global_size)
+    _run_plan(globals_[:B], _plan_global_view_1(B, generator))
+    _run_plan(globals_[B:], _plan_global_view_2(B, generator))
+    locals_ = resize_crops(to_dev([c for crops in batch["local_crops"] for c in crops]), local_size)
+    _run_plan(locals_, _plan_local_views(locals_.shape[0], generator))
+    grid = (global_size // patch_size,) * 3
+    m = make_masks(2 * B, grid, mask_ratio_min_max, mask_probability, generator=_cpu_generator(generator))
+    out = {"global_crops": globals_, "local_crops": locals_}
+    out.update({k: (v.to(device) if torch.is_tensor(v) else v) for k, v in m.items()})
+    return out
+
+
+def _cpu_generator(g: torch.Generator) -> torch.Generator:
+    """Masks are built on CPU (tiny, python-level loop); seed a CPU generator from g when g lives on a GPU."""
+    if g.device.type == "cpu":
+        return g
+    seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference's structure, for the benchmark: one sample, one view at a time
+
+
+def reference_views(
+    volume: torch.Tensor,
+    generator: torch.Generator,
+    global_size: int = 96,
+    local_size: int = 48,
+    n_local: int = 8,
+    global_scale: tuple[tuple[float, float], tuple[float, float]] = ((0.48, 1.0), (0.5, 1.0)),
+    local_scale: tuple[tuple[float, float], tuple[float, float]] = ((0.16, 0.48), (0.2, 0.5)),
+) -> dict:
+    """All 10 views of one whole volume (C, H, W, D), cropped, resized and augmented one crop at a time on CPU,
+    like a reference DataLoader worker (which first loads the whole volume; the benchmark times that too).
+    Uses the batched functions with B = 1, so it measures per-sample *structure*, not a different maths."""
+
+    def crop(scale):
+        h0, w0, d0, ch, cw, cd = sample_crop_box(tuple(volume.shape[1:]), scale[0], scale[1], generator)
+        return volume[:, h0:h0 + ch, w0:w0 + cw, d0:d0 + cd]
+
+    g1 = global_view_1(resize_crops([crop(global_scale)], global_size), generator)
+    g2 = global_view_2(resize_crops([crop(global_scale)], global_size), generator)
+    locs = [local_views(resize_crops([crop(local_scale)], local_size), generator) for _ in range(n_local)]
+    return {"global_crops": [g1[0], g2[0]], "local_crops": [v[0] for v in locs]}
