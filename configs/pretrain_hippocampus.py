@@ -1,0 +1,27 @@
+# Pretraining on the unlabeled MSD hippocampus *training* images (labels never read), for the label-efficiency
+# experiment (experiments/label_efficiency.py). The demo ViT (configs/pretrain_demo.py) on real MRI crops.
+# python data.py prepare --datalist <training images> --out out/label_efficiency/cache   (the experiment does this)
+out_dir = "out/label_efficiency/pretrain"
+data = "out/label_efficiency/cache"
+embed_dim = 192
+depth = 4
+num_heads = 3
+patch_size = 8
+global_crops_size = 48  # the hippocampus crops are ~35x50x35: 48^3 global views cover most of one
+local_crops_size = 24
+min_axis_size = 16  # the smallest cases have a 24-voxel axis (the reference's strict > 24 would drop them)
+drop_path_rate = 0.1
+head_n_prototypes = 1024  # 140 volumes: a few hundred prototypes are plenty
+head_hidden_dim = 512
+head_bottleneck_dim = 128
+batch_size = 16
+max_iters = 300
+base_lr = 0.004  # x sqrt(16/1024) = 5e-4 peak
+warmup_iters = 30
+warmup_teacher_temp_iters = 90
+freeze_last_layer_iters = 15
+momentum_teacher = 0.99
+log_interval = 10
+ckpt_interval = 100
+export_interval = 100
+num_workers = 1
