@@ -29,4 +29,7 @@ requires_shared = pytest.mark.skipif(
     reason=f"needs the real volumes / golden files in {SHARED} (absent in a user's clone; CI always has it)",
 )
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# 2 threads on CI's 2 cores; OMP_NUM_THREADS=1 when something else runs beside the tests (2 OpenMP threads on a
+# busy 2-core machine can be 10-20x slower than 1)
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
