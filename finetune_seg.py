@@ -504,7 +504,7 @@ if __name__ == "__main__":
         iter_num, best_val, best_iter, history = ckpt["iter_num"], ckpt["best_val"], ckpt["best_iter"], ckpt["history"]
         loss_sum, n_loss = ckpt["loss_sum"], ckpt["n_loss"]  # the running train loss since the last evaluation
         # (every step re-seeds its RNGs from (seed, rank, iter_num) below; the states are restored for anything else)
-        torch.set_rng_state(ckpt["rng_cpu"])
+        torch.set_rng_state(ckpt["rng_cpu"].cpu())  # map_location put it on the device
         if device_type == "cuda" and "rng_cuda" in ckpt:
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
         if master_process:

@@ -64,19 +64,18 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3
     roughly uniform, while the row sums are exactly 1 (the last step normalises the rows).
 
     Recipe (reference_spec.md §3.1), in fp32, Q = P^T (K, n):
-        Q = exp((T - max T) / teacher_temp)^T
+        Q = exp((T - max_rows T) / teacher_temp)^T            max per prototype, over all ranks
         Q /= sum(Q)                                         total over all ranks
         repeat n_iters times:
             Q /= Q.sum(dim=1, keepdim=True); Q /= K          prototype sums, over all ranks -> each 1/K
             Q /= Q.sum(dim=0, keepdim=True); Q /= n_total    sample sums, local            -> each 1/n_total
         return (Q * n_total)^T                              rows sum to 1
 
-    One difference from the reference: we subtract the global max logit (all-reduced MAX) before exp. That
-    multiplies Q by the constant exp(-max/teacher_temp), which the first normalisation divides out again, so the
-    result is mathematically identical -- but the reference's exp overflows to inf (and then NaN) once any logit
-    exceeds ~3.5 at teacher_temp 0.04. (Entries more than ~87 * teacher_temp below the max still underflow to 0;
-    a prototype whose entries all underflow would give NaN, which the losses' finite-check catches. Heads that
-    end in a weight-normed layer on a unit vector keep logits in [-|g|, |g|], far from that.)
+    One difference from the reference: we subtract each prototype's max logit (over all rows, all-reduced MAX)
+    before exp. That multiplies row k of Q by the constant exp(-max_k / teacher_temp), which the first prototype
+    normalisation divides out again, so the result is mathematically identical -- but the reference's exp
+    overflows to inf (and then NaN) once any logit exceeds ~3.5 at teacher_temp 0.04, and a single global max
+    would let a prototype whose logits all sit > ~87 * teacher_temp below it underflow to an all-zero row (NaN).
 
     Distributed: the total sum, the max, the prototype sums and the row count are all-reduced, so the result on
     each rank is its own rows of the Sinkhorn matrix of the concatenated global batch. Ranks may hold different
@@ -96,16 +95,18 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3
         raise ValueError(f"losses.py: sinkhorn_knopp expects (n, K) logits, got shape {tuple(teacher_logits.shape)}")
     if teacher_temp <= 0:
         raise ValueError(f"losses.py: sinkhorn_knopp needs teacher_temp > 0, got {teacher_temp}")
+    if n_iters < 1:
+        raise ValueError(f"losses.py: sinkhorn_knopp needs n_iters >= 1, got {n_iters}")
     T = teacher_logits.float()
     n_local, K = T.shape
 
-    # global row count and global max (empty ranks contribute 0 rows and -inf). No .item() here: in DDP a batch
+    # global row count and per-prototype max (empty ranks contribute 0 rows and -inf). No .item() here: in DDP a batch
     # with no rows on *any* rank is not checked (that would be a host sync every step); it gives NaN targets,
     # which the losses' finite-check reports.
     if n_local == 0 and not _ddp():
         raise ValueError("losses.py: sinkhorn_knopp got no rows (e.g. an iBOT step with no masked token)")
     n_total = torch.tensor(float(n_local), device=T.device)
-    t_max = T.max() if n_local > 0 else torch.tensor(float("-inf"), device=T.device)
+    t_max = T.amax(dim=0) if n_local > 0 else torch.full((K,), float("-inf"), device=T.device)  # (K,)
     if _ddp():
         dist.all_reduce(n_total)
         dist.all_reduce(t_max, op=dist.ReduceOp.MAX)

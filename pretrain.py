@@ -106,8 +106,8 @@ freeze_last_layer_iters = 1250  # the heads' last layer gets lr 0 for the first 
 adamw_betas = (0.9, 0.999)
 # system
 device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
-dtype = "bfloat16"  # autocast dtype on CUDA ("bfloat16", "float16" or "float32"); CPU always runs float32
-compile = False  # torch.compile the student and teacher backbones
+dtype = "bfloat16"  # autocast dtype on CUDA: "bfloat16" or "float32" (CPU always runs float32)
+compile = False  # torch.compile every transformer block of the student and teacher backbones
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
 
@@ -134,7 +134,10 @@ if batch_size % (world_size * grad_accum_steps):
 micro_batch = batch_size // (world_size * grad_accum_steps)  # images per rank per micro-step
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+if dtype not in ("bfloat16", "float32"):
+    # fp16 would need loss scaling (the reference's GradScaler); bf16 has fp32's range and needs none
+    raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
+ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and dtype != "float32" else nullcontext()
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -302,8 +305,10 @@ elif resume and master_process:
 
 raw_student = student  # unwrapped, for checkpoints and EMA
 if compile:
-    student.backbone = torch.compile(student.backbone)
-    teacher.backbone = torch.compile(teacher.backbone)
+    # compile the blocks in place: the training calls forward_features(_list), which torch.compile(backbone)
+    # would not cover (it compiles `forward` only); in place also keeps the state-dict keys unchanged
+    for blk in list(student.backbone.blocks) + list(teacher.backbone.blocks):
+        blk.compile()
 if ddp:
     student = DDP(student, device_ids=[local_rank] if device_type == "cuda" else None)
 
@@ -341,9 +346,15 @@ def log_line(d):
         f.write(json.dumps(d) + "\n")
 
 
+log_path = os.path.join(out_dir, "log.jsonl")
 if master_process and start_step == 0:
-    open(os.path.join(out_dir, "log.jsonl"), "w").close()
+    open(log_path, "w").close()
     log_line({"config": config, "git_sha": git_sha(), "world_size": world_size})
+elif master_process and os.path.exists(log_path):
+    # a resumed run: drop what the killed run logged after its last checkpoint (those steps run again)
+    keep = [l for l in open(log_path) if json.loads(l).get("step", 0) <= start_step]
+    with open(log_path, "w") as f:
+        f.writelines(keep)
 peak_flops = None
 if device_type == "cuda":
     name = torch.cuda.get_device_name(device)
@@ -384,6 +395,15 @@ def ibot_targets(tokens, temp):
     probs = losses.softmax_center(logits, centers["ibot"], temp)
     centers["ibot"] = losses.update_center(centers["ibot"], logits, center_momentum)
     return probs
+
+
+def stop_nonfinite(it, what):
+    """Stop before the optimizer step: the weights and the last checkpoint stay as they were."""
+    msg = (f"non-finite loss at step {it}: {what}. The last good checkpoint ({ckpt_path}) is intact; "
+           "try a lower lr or a higher teacher_temp.")
+    if master_process:
+        log_line({"step": it, "error": msg})
+    raise FloatingPointError(msg)
 
 
 def export_teacher(step):
@@ -455,16 +475,16 @@ for it in range(start_step, max_iters):
         for k, val in (("dino_loss", dino), ("ibot_loss", ibot), ("koleo_loss", koleo_loss_weight * koleo)):
             terms[k] += val.detach() / grad_accum_steps
     total = sum(terms.values())
-    if not torch.isfinite(total):
-        # stop before the optimizer step: the weights and the last checkpoint stay as they were
-        msg = (f"non-finite loss at step {it}: " + ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-               + f". The last good checkpoint ({ckpt_path}) is intact; try a lower lr or a higher teacher_temp.")
-        if master_process:
-            log_line({"step": it, "error": msg})
-        raise FloatingPointError(msg)
+    check = total.detach().clone()
+    if ddp:
+        dist.all_reduce(check)  # every rank stops together when any rank's loss is not finite
+    if not torch.isfinite(check):
+        stop_nonfinite(it, ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
 
     # clip each student sub-module on its own (reference), step, EMA
     grad_norms = {k: float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip_grad)) for k, m in submodules.items()}
+    if not all(math.isfinite(v) for v in grad_norms.values()):  # a finite loss can still overflow in backward
+        stop_nonfinite(it, ", ".join(f"grad_norm_{k}={v:.4g}" for k, v in grad_norms.items()))
     optimizer.step()
     with torch.no_grad():  # teacher <- m teacher + (1 - m) student
         torch._foreach_mul_(teacher_params, mom_now)
