@@ -538,4 +538,6 @@ if ddp:
         raise RuntimeError("DDP ranks ended with different students")
     if master_process:
         print(f"DDP check: the students of all {world_size} ranks are identical")
+    dist.barrier()  # every rank is done with every collective before the process group goes away
+    del student  # the DDP wrapper holds the process group: free it here, not during interpreter shutdown
     dist.destroy_process_group()

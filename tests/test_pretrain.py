@@ -139,13 +139,26 @@ def test_kill_and_resume_replays_the_same_losses(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+def run_ddp(tmp_path, **overrides):
+    """torchrun with 2 gloo ranks. We once saw rank 0 abort in the c10d/gloo teardown ("terminate called without an
+    active exception") *after* a run had finished and passed its rank-consistency check, about 1 launch in 15,
+    before pretrain.py freed its DDP wrapper before destroy_process_group. Should that teardown race come back, a
+    launch that had already printed its final check is retried once; any other failure fails the test."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    res, out = run(tmp_path, cmd_prefix=torchrun, max_iters=3, batch_size=4)
+    try:
+        return run(tmp_path, cmd_prefix=torchrun, **overrides)
+    except AssertionError as e:
+        if "ranks are identical" not in str(e) or "terminate called" not in str(e):
+            raise
+        return run(tmp_path, cmd_prefix=torchrun, **overrides)
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    res, out = run_ddp(tmp_path, max_iters=3, batch_size=4)
     assert "the students of all 2 ranks are identical" in res.stdout
     assert sorted(losses_of(out)) == [1, 2, 3]
     # grad accumulation under DDP: 2 ranks x 2 micro-steps x 1 image
-    res, out = run(tmp_path / "acc", cmd_prefix=torchrun, max_iters=2, batch_size=4, grad_accum_steps=2)
+    res, out = run_ddp(tmp_path / "acc", max_iters=2, batch_size=4, grad_accum_steps=2)
     assert "identical" in res.stdout
 
 
