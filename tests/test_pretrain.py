@@ -28,7 +28,7 @@ def run(tmp_path, cmd_prefix=None, timeout=240, **overrides):
     cmd = (cmd_prefix or [sys.executable]) + [str(ROOT / "pretrain.py")] + args
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-10000:]
     return res, tmp_path / "run"
 
 
