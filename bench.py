@@ -54,6 +54,7 @@ def bench_augment(args, rest):
     import augment
     import data
 
+    kept = augment.keep_freed_memory()  # as pretrain.py does; both pipelines below run under it
     S, s, P, n_local = 96, 48, 16, 8  # the paper's global/local crop sizes, patch size, local crops per sample
     B = args.batch or 8
     iters = args.iters or 3
@@ -73,7 +74,7 @@ def bench_augment(args, rest):
     npy = os.path.join(cache, entry["file"])
     ds = data.PretrainDataset(cache, global_crops_size=S, local_crops_size=s, n_local=n_local, seed=0)
     print(f"volume {path}: file shape {list(data.load_volume(path)[0].shape[1:])}, prepared (foreground crop) "
-          f"{entry['shape']}, batch {B}, threads {torch.get_num_threads()}")
+          f"{entry['shape']}, batch {B}, threads {torch.get_num_threads()}, malloc keeps freed memory: {kept}")
 
     # ------------------------------------------------------------------------------------------- loading alone
     t_nii = timeit(lambda: data.load_volume(path), warmup=1, iters=3)
@@ -137,6 +138,7 @@ def bench_augment(args, rest):
         "load_nii_ms": round(t_nii, 2),
         "load_npy_ms": round(t_npy, 2),
         "read_boxes_ms": round(t_boxes, 2),
+        "keep_freed_memory": kept,
     }
 
 def bench_msda(args, rest):

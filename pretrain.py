@@ -132,6 +132,7 @@ if batch_size % (world_size * grad_accum_steps):
     raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x grad_accum_steps "
                      f"{grad_accum_steps}")
 micro_batch = batch_size // (world_size * grad_accum_steps)  # images per rank per micro-step
+augment.keep_freed_memory()  # glibc: reuse freed multi-MB blocks (no page faults per step; see augment.py)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 if dtype not in ("bfloat16", "float32"):

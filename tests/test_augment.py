@@ -161,6 +161,25 @@ def test_rot90_is_torch_rot90_per_sample(plane):
         augment.random_rot90(torch.rand(2, 1, 4, 5, 5), (0, 1), 1.0, gen(0))  # non-square plane
 
 
+@pytest.mark.parametrize("chunk_bytes", [augment.CPU_CHUNK_BYTES, 3 * 4 * 5**3])  # whole batch / 3 samples
+def test_fused_geometry_equals_the_six_separate_steps(monkeypatch, chunk_bytes):
+    # the view recipes apply flips + rot90s as one permute+flip per sample: it must equal the spec's sequence of
+    # flip0, flip1, flip2, rot90(0,1), rot90(1,2), rot90(0,2) with the same draws, sample by sample
+    monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", chunk_bytes)
+    n, p = 400, 0.5
+    x = torch.rand(n, 2, 5, 5, 5, generator=gen(0))  # 2 channels: the channel axis must stay put
+    g_seq = gen(9)
+    steps = [augment._plan_flip(n, a, p, g_seq) for a in range(3)]
+    steps += [augment._plan_rot90(n, plane, p, g_seq) for plane in ((0, 1), (1, 2), (0, 2))]
+    want = augment._run_plan(x.clone(), steps)
+    got = augment._run_plan(x.clone(), augment._plan_geometric(n, gen(9), p))
+    assert torch.equal(got, want)
+    codes = augment._plan_geometric(n, gen(9), p)[0][1]["code"]
+    assert len(set(codes.tolist())) == 48  # every symmetry of the cube occurs: the whole table is exercised
+    with pytest.raises(ValueError, match="cubes"):
+        augment._run_plan(torch.rand(n, 1, 4, 5, 5), augment._plan_geometric(n, gen(9), p))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Intensity transforms: the formulas, against independent references
 

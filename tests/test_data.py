@@ -525,7 +525,7 @@ def test_pretrain_dataset_reads_only_the_crop_region(small_cache, monkeypatch):
 
     def spy_load(path, *args, **kwargs):
         arr = real_load(path, *args, **kwargs)
-        assert kwargs.get("mmap_mode") == "r" and isinstance(arr, np.memmap)
+        assert kwargs.get("mmap_mode") == "c" and isinstance(arr, np.memmap)  # copy-on-write: never written
         return Spy(arr)
 
     ds = data.PretrainDataset(small_cache, n_local=8)
@@ -535,6 +535,28 @@ def test_pretrain_dataset_reads_only_the_crop_region(small_cache, monkeypatch):
     read_voxels = sum(np.prod([s.stop - s.start for s in sl]) for sl in reads)
     assert read_voxels == sum(c.numel() for c in it["global_crops"] + it["local_crops"])  # no padding here
     assert read_voxels < 10 * np.prod(ds.entries[it["index"]]["shape"])
+
+
+@pytest.mark.parametrize("pad_to", [24, 56])  # 24: no padding (the box is read into uninitialised memory); 56: mixed
+@pytest.mark.parametrize("dtype", ["float16", "int16"])
+def test_pretrain_dataset_crops_are_the_exact_boxes(tmp_path, dtype, pad_to):
+    # each crop = the sampled box of the prepared volume (virtually padded with -1 to pad_to), times the int16 scale
+    paths = [save_nii(tmp_path / "v.nii.gz", phantom((40, 36, 34), seed=3))]  # (34, 30, 28) prepared
+    data.prepare(paths, tmp_path / "c", dtype=dtype, workers=0, progress=False)
+    e = data.load_index(tmp_path / "c")["entries"][0]
+    vol = np.load(tmp_path / "c" / e["file"]).astype(np.float32) * np.float32(e["scale"])
+    padded = np.full([max(n, pad_to) for n in vol.shape], -1.0, np.float32)
+    offs = [max(pad_to - n, 0) // 2 for n in vol.shape]
+    padded[tuple(slice(o, o + n) for o, n in zip(offs, vol.shape))] = vol
+    ds = data.PretrainDataset(tmp_path / "c", n_local=8, pad_to=pad_to)
+    boxes, sample = [], ds._sample_box
+    ds._sample_box = lambda *a, **k: boxes.append(sample(*a, **k)) or boxes[-1]
+    for k in range(3):
+        boxes.clear()
+        it = ds[k]
+        for (h0, w0, d0, ch, cw, cd), c in zip(boxes, it["global_crops"] + it["local_crops"]):
+            assert c.dtype == torch.float32
+            np.testing.assert_array_equal(c[0].numpy(), padded[h0:h0 + ch, w0:w0 + cw, d0:d0 + cd])
 
 
 def test_dataloader_workers_and_resume_give_identical_batches():
