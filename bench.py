@@ -57,7 +57,7 @@ def bench_augment(args, rest):
     kept = augment.keep_freed_memory()  # as pretrain.py does; both pipelines below run under it
     S, s, P, n_local = 96, 48, 16, 8  # the paper's global/local crop sizes, patch size, local crops per sample
     B = args.batch or 8
-    iters = args.iters or 3
+    iters = args.iters or 5
     devices = ["cpu"] + (["cuda"] if args.device.startswith("cuda") and torch.cuda.is_available() else [])
 
     # ---------------------------------------------------------------------------------------------- the volume

@@ -415,6 +415,28 @@ def test_make_views_layout():
     assert torch.equal(out["global_crops"], out2["global_crops"]) and torch.equal(out["masks"], out2["masks"])
 
 
+def test_make_views_equals_resize_then_the_view_recipes():
+    # make_views moves each recipe's flips/rot90s into resize_crops' copy: the batch must be exactly what resizing
+    # first and then running the whole recipes (same generator draws, in the same order) gives
+    B, n_local = 6, 4
+    batch = {"global_crops": [[torch.rand(1, 9 + i, 11, 7 + j, generator=gen(i + 10 * j)) for i in range(B)]
+                              for j in range(2)],
+             "local_crops": [[torch.rand(1, 5 + j, 6, 4 + i % 3, generator=gen(100 + i + 10 * j)) for i in range(B)]
+                             for j in range(n_local)],
+             "index": torch.arange(B)}
+    out = augment.make_views(batch, 12, 6, 4, gen(5), "cpu")
+    g = gen(5)
+    p1, p2 = augment._plan_global_view_1(B, g), augment._plan_global_view_2(B, g)
+    G = augment.resize_crops(batch["global_crops"][0] + batch["global_crops"][1], 12)
+    augment._run_plan(G[:B], p1)
+    augment._run_plan(G[B:], p2)
+    L = augment.resize_crops([c for cs in batch["local_crops"] for c in cs], 6)
+    augment._run_plan(L, augment._plan_local_views(B * n_local, g))
+    assert torch.equal(out["global_crops"], G) and torch.equal(out["local_crops"], L)
+    codes = torch.cat([p1[0][1]["code"], p2[0][1]["code"]])
+    assert (codes != 0).sum() >= 3  # the symmetries were exercised
+
+
 def test_reference_views_shapes():
     vol = torch.rand(1, 40, 36, 20, generator=gen(22))
     r = augment.reference_views(vol, gen(23), global_size=16, local_size=8, n_local=8)
