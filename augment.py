@@ -434,7 +434,10 @@ def gaussian_filter(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """
     n, C, H, W, D = x.shape
     sigma = sigma.to(x.device, x.dtype)
-    Mh, Mw, Md = (_filter_matrix(sigma[:, a], L) for a, L in enumerate((H, W, D)))
+    if H == W == D:  # cubes (every view): the 3n matrices in one go (the ~20 small ops cost 0.3 ms per call)
+        Mh, Mw, Md = _filter_matrix(sigma.reshape(-1), H).view(n, 3, H, H).unbind(1)
+    else:
+        Mh, Mw, Md = (_filter_matrix(sigma[:, a], L) for a, L in enumerate((H, W, D)))
     y = torch.matmul(Mh.unsqueeze(1), x.reshape(n, C, H, W * D))  # (n,1,H,H) @ (n,C,H,W·D): filter along H
     y = torch.matmul(Mw.view(n, 1, 1, W, W), y.view(n, C, H, W, D))  # (n,1,1,W,W) @ (n,C,H,W,D): along W
     y = torch.matmul(y.view(n, C * H * W, D), Md)  # (n, C·H·W, D) @ (n, D, D) (M symmetric): along D
@@ -456,7 +459,7 @@ def sharpen_filter(x: torch.Tensor, sigma1: torch.Tensor, sigma2: torch.Tensor, 
     b1 = gaussian_filter(x, sigma1)
     b2 = gaussian_filter(b1, sigma2)
     a = alpha.to(x.device, x.dtype).view(-1, 1, 1, 1, 1)
-    return b2.sub_(b1).mul_(-a).add_(b1)  # b1 + α(b1 − b2), in place on the temporary b2
+    return b1.lerp_(b2, -a)  # b1 + (−α)(b2 − b1) = b1 + α(b1 − b2): one pass, in place on the temporary b1
 
 
 def _plan_sharpen(n, p, g, sigma1_range=(0.5, 1.0), sigma2_min=0.5, alpha_range=(10.0, 30.0), apply=None):

@@ -255,8 +255,9 @@ def _scipy_gaussian(x, sigma):
     return y
 
 
-def test_gaussian_filter_matches_scipy_and_is_per_sample():
-    x = torch.rand(3, 1, 14, 11, 9, generator=gen(10), dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(14, 11, 9), (10, 10, 10)], ids=["box", "cube"])  # cubes: all matrices at once
+def test_gaussian_filter_matches_scipy_and_is_per_sample(shape):
+    x = torch.rand(3, 1, *shape, generator=gen(10), dtype=torch.float64)
     sigma = torch.tensor([[0.3, 1.5, 0.8], [1.2, 0.25, 1.0], [0.6, 0.6, 1.4]], dtype=torch.float64)
     y = augment.gaussian_filter(x, sigma)
     for b in range(3):
@@ -272,8 +273,9 @@ def test_gaussian_smooth_smooths():
     assert (y[inner].flatten(1).std(1) < 0.8 * x[inner].flatten(1).std(1)).all()  # white noise gets smoother
 
 
-def test_sharpen_formula_against_scipy():
-    x = torch.rand(2, 1, 12, 10, 8, generator=gen(12), dtype=torch.float64)
+@pytest.mark.parametrize("shape", [(12, 10, 8), (9, 9, 9)], ids=["box", "cube"])
+def test_sharpen_formula_against_scipy(shape):
+    x = torch.rand(2, 1, *shape, generator=gen(12), dtype=torch.float64)
     s1 = torch.tensor([[0.9, 0.6, 1.0], [0.5, 0.7, 0.8]], dtype=torch.float64)
     s2 = torch.tensor([[0.6, 0.5, 0.7], [0.5, 0.55, 0.6]], dtype=torch.float64)
     alpha = torch.tensor([10.0, 27.0], dtype=torch.float64)
