@@ -16,8 +16,9 @@ import time
 import torch
 
 
-def timeit(fn, warmup=1, iters=5, device="cpu"):
-    """Median wall time of fn() in milliseconds (synchronising CUDA around each call)."""
+def timeit(fn, warmup=1, iters=5, device="cpu", mean=False):
+    """Median (or mean) wall time of fn() in milliseconds (synchronising CUDA around each call). The mean is for
+    random work (augmentation: each call draws different transforms), where it is the expected cost."""
     for _ in range(warmup):
         fn()
     times = []
@@ -29,6 +30,8 @@ def timeit(fn, warmup=1, iters=5, device="cpu"):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
+    if mean:
+        return sum(times) / len(times)
     times.sort()
     return times[len(times) // 2]
 
@@ -57,7 +60,7 @@ def bench_augment(args, rest):
     kept = augment.keep_freed_memory()  # as pretrain.py does; both pipelines below run under it
     S, s, P, n_local = 96, 48, 16, 8  # the paper's global/local crop sizes, patch size, local crops per sample
     B = args.batch or 8
-    iters = args.iters or 5
+    iters = args.iters or 12  # batches; timings below are means: every batch draws different transforms
     devices = ["cpu"] + (["cuda"] if args.device.startswith("cuda") and torch.cuda.is_available() else [])
 
     # ---------------------------------------------------------------------------------------------- the volume
@@ -93,20 +96,22 @@ def bench_augment(args, rest):
     res = {}
     for dev in devices:
         g = torch.Generator().manual_seed(0)  # small per-sample draws on CPU; noise voxels are drawn on `dev`
-        t_all = timeit(lambda: augment.make_views(batch_of_crops(), S, s, P, g, dev), warmup=1, iters=iters, device=dev)
+        t_all = timeit(lambda: augment.make_views(batch_of_crops(), S, s, P, g, dev), warmup=1, iters=iters, device=dev,
+                       mean=True)
         fixed = batch_of_crops()
-        t_views = timeit(lambda: augment.make_views(fixed, S, s, P, g, dev), warmup=1, iters=iters, device=dev)
+        t_views = timeit(lambda: augment.make_views(fixed, S, s, P, g, dev), warmup=1, iters=iters, device=dev,
+                         mean=True)
         res[dev] = (t_all / B, t_views / B)
 
     # ------------------------------------------------------------------------------------ per-sample pipeline
     g = torch.Generator().manual_seed(0)
-    n_ps = max(3, iters)
+    n_ps = 3 * iters  # samples (means over draws, like the batched side's iters · B samples)
     t_ps_nii = timeit(lambda: augment.reference_views(torch.from_numpy(data.load_volume(path)[0]), g),
-                      warmup=1, iters=n_ps)
+                      warmup=1, iters=n_ps, mean=True)
     t_ps_npy = timeit(lambda: augment.reference_views(torch.from_numpy(np.load(npy).astype(np.float32))[None], g),
-                      warmup=1, iters=n_ps)
+                      warmup=1, iters=n_ps, mean=True)
     vol_mem = torch.from_numpy(np.load(npy).astype(np.float32))[None]
-    t_ps_views = timeit(lambda: augment.reference_views(vol_mem, g), warmup=1, iters=n_ps)
+    t_ps_views = timeit(lambda: augment.reference_views(vol_mem, g), warmup=1, iters=n_ps, mean=True)
 
     dev = devices[-1]
     batched, batched_views = res[dev]
