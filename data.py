@@ -884,7 +884,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             return arr.shape, arr, float(e.get("scale", 1.0))
         if self.kind == "dataset":
             x = self.volumes[v]["image"]
-            x = np.array(x.numpy() if torch.is_tensor(x) else x, dtype=np.float32)  # a private copy we may view
+            x = np.asarray(x.numpy() if torch.is_tensor(x) else x, dtype=np.float32)
             x = x[0] if x.ndim == 4 else x
         else:  # raw file: load, pick a frame fresh for every sample (spec §9 #6), preprocess
             x4, spacing, _ = load_volume(self.names[v])
@@ -897,7 +897,7 @@ class PretrainDataset(torch.utils.data.Dataset):
                 raise VolumeError(f"{self.names[v]}: too small after foreground crop, shape {list(x.shape)}")
         if x.ndim != 3:
             raise VolumeError(f"{self.names[v]}: expected a (1, H, W, D) volume, got {list(x.shape)}")
-        return x.shape, x, 1.0
+        return x.shape, (x if x.flags.writeable else x.copy()), 1.0  # torch.from_numpy warns on read-only arrays
 
     def _read_box(self, shape, arr, scale, box) -> torch.Tensor:
         """The box (h0, w0, d0, ch, cw, cd) of the padded volume as (1, ch, cw, cd) float32: only the in-volume

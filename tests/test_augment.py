@@ -453,3 +453,10 @@ def test_views_do_not_depend_on_chunking(recipe, monkeypatch):
     whole = recipe(x, gen(30))  # 12³ crops: the whole batch is one chunk
     monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", 1)  # one sample per chunk
     torch.testing.assert_close(recipe(x, gen(30)), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_freed_memory_is_applied_on_glibc_only():
+    import platform
+
+    ok = augment.keep_freed_memory()
+    assert ok is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
