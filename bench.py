@@ -96,7 +96,8 @@ def bench_augment(args, rest):
     res = {}
     for dev in devices:
         g = torch.Generator().manual_seed(0)  # small per-sample draws on CPU; noise voxels are drawn on `dev`
-        t_all = timeit(lambda: augment.make_views(batch_of_crops(), S, s, P, g, dev), warmup=1, iters=iters, device=dev,
+        # warm-up 3 batches: the first batches grow the heap (page faults) — training pays that once, not per step
+        t_all = timeit(lambda: augment.make_views(batch_of_crops(), S, s, P, g, dev), warmup=3, iters=iters, device=dev,
                        mean=True)
         fixed = batch_of_crops()
         t_views = timeit(lambda: augment.make_views(fixed, S, s, P, g, dev), warmup=1, iters=iters, device=dev,
