@@ -21,9 +21,9 @@ voxels are drawn on the data's device from per-sample seeds, so a CPU generator 
 CUDA except for those noise values; every output is reproducible under a seed on a given device.
 
 What it costs (`python bench.py augment --threads 2`; one sample = 2×96³ + 8×48³ views of a 256×256×128
-volume): ~30 ms per sample in all — 5 ms reading the 10 boxes, 9 ms resizing, ~16 ms augmenting — against ~150 ms
+volume): ~30 ms per sample in all — 5 ms reading the 10 boxes, 9 ms resizing, ~16 ms augmenting — against ~155 ms
 for the reference's per-sample structure (whole .nii.gz load, then per-crop transforms with the same maths), i.e.
-4.7–5.0× the samples/s. On CPU both paths do the same arithmetic; the gain is not decompressing the whole volume
+~5.2× the samples/s. On CPU both paths do the same arithmetic; the gain is not decompressing the whole volume
 per sample, plus batching. What made the CPU path fast: one torch copy per box from the memory map (numpy's
 float16 cast was 35 ms per sample), flips/rot90s done as one cube symmetry inside the resize's copy, no log(0) in
 the gamma transform, cached Gibbs masks, and `keep_freed_memory` (page faults were a third of the cost). With a
