@@ -20,14 +20,14 @@ the normal case, also for CUDA data), then applies them chunk by chunk (see "Pla
 voxels are drawn on the data's device from per-sample seeds, so a CPU generator gives the same views on CPU and
 CUDA except for those noise values; every output is reproducible under a seed on a given device.
 
-What it costs (`python bench.py augment --threads 2`; one sample = 2×96³ + 8×48³ views of a 256×256×128
-volume): ~30 ms per sample in all — 5 ms reading the 10 boxes, 9 ms resizing, ~16 ms augmenting — against ~155 ms
-for the reference's per-sample structure (whole .nii.gz load, then per-crop transforms with the same maths), i.e.
-~5.1× the samples/s (median of 16 runs; 4.7–5.9). On CPU both paths do the same arithmetic; the gain is not decompressing the whole volume
-per sample, plus batching. What made the CPU path fast: one torch copy per box from the memory map (numpy's
-float16 cast was 35 ms per sample), flips/rot90s done as one cube symmetry inside the resize's copy, no log(0) in
-the gamma transform, cached Gibbs masks, and `keep_freed_memory` (page faults were a third of the cost). With a
-GPU, make_views runs there and the workers only read boxes; that speed is unmeasured (no GPU so far).
+What it costs (`python bench.py augment --threads 2`; one sample = 2×96³ + 8×48³ views of a 256×256×128 volume): ~30
+ms per sample in all — 5 ms reading the 10 boxes, 9 ms resizing, ~16 ms augmenting — against ~155 ms for the
+reference's per-sample structure (whole .nii.gz load, then per-crop transforms with the same maths), i.e. ~5.1× the
+samples/s (median of 16 runs; 4.7–5.9). On CPU both paths do the same arithmetic; the gain is not decompressing the
+whole volume per sample, plus batching. What made the CPU path fast: one torch copy per box from the memory map
+(numpy's float16 cast was 35 ms per sample), flips/rot90s done as one cube symmetry inside the resize's copy, no
+log(0) in the gamma transform, cached Gibbs masks, and `keep_freed_memory` (page faults were a third of the cost).
+With a GPU, make_views runs there and the workers only read boxes; that speed is unmeasured (no GPU so far).
 
 Layout: volumes are (B, C, H, W, D); H/W in-plane, D through-plane (spec §5.3). "Spatial axis a" means tensor
 dim 2 + a, as in MONAI's `spatial_axis`.
