@@ -139,11 +139,7 @@ def resize_crops(crops: list[torch.Tensor], size: int, symmetry: torch.Tensor | 
     codes = [0] * len(crops) if symmetry is None else symmetry.tolist()
     for i, c in enumerate(crops):
         y = F.interpolate(c[None], size=(size, size, size), mode="trilinear", align_corners=False)[0]
-        if codes[i]:
-            perm, dims = _SYMMETRY_OPS[codes[i]]
-            y = y.permute(0, *(1 + a for a in perm))
-            y = y.flip([1 + a for a in dims]) if dims else y
-        out[i] = y
+        out[i] = _symmetry_view(y, codes[i]) if codes[i] else y
     return out
 
 
@@ -276,6 +272,15 @@ def _cube_symmetries():
 _SYMMETRY_OPS, _SYMMETRY_THEN = _cube_symmetries()
 
 
+def _symmetry_view(x, code):
+    """Cube symmetry `code` applied to the last three dims of x (..., S, S, S): a permuted view, or a copy when
+    the symmetry flips an axis (torch has no negative strides)."""
+    perm, dims = _SYMMETRY_OPS[code]
+    lead = x.dim() - 3
+    y = x.permute(*range(lead), *(lead + a for a in perm))
+    return y.flip([lead + a for a in dims]) if dims else y
+
+
 def _plan_geometric(n, g, p=0.3):
     """Spec §5.5 geometric part after RRC3D: flips of axes 0, 1, 2, then rot90 in planes (0,1), (1,2), (0,2), each
     with probability p (rot90: k ~ U{1, 2, 3}).
@@ -306,11 +311,9 @@ def _plan_geometric(n, g, p=0.3):
         if any(codes) and not S[0] == S[1] == S[2]:
             raise ValueError(f"flips/rot90s of the view recipes need cubes, got spatial shape {tuple(S)}")
         for c in sorted(set(codes) - {0}):  # one batched copy per distinct symmetry present in the chunk
-            perm, dims = _SYMMETRY_OPS[c]
             idx = [i for i, ci in enumerate(codes) if ci == c]
             sel = x if len(idx) == x.shape[0] else x[idx]  # x[idx]: a copy
-            y = sel.permute(0, 1, *(2 + a for a in perm))
-            y = y.flip([2 + a for a in dims]) if dims else y.contiguous()  # flip copies
+            y = _symmetry_view(sel, c).contiguous()  # a no-op after a flip (flip copies)
             if len(idx) == x.shape[0]:
                 return y  # the whole chunk: _run_plan writes the result back once at the end
             x[idx] = y
