@@ -522,14 +522,19 @@ class SyntheticVolumes(torch.utils.data.Dataset):
     """Procedural 3D "abdomen" phantoms, a pure function of (seed, i), already normalised like prepared data.
 
     Each volume: background −1 outside a body ellipsoid; body tissue with smooth texture; then
-      class 1 "liver"   one large rotated ellipsoid, bright, smooth low-frequency texture;
-      class 2 "kidneys" two smaller elongated ellipsoids mirrored across the W axis, mid-grey, grainy texture;
-      class 3 "lesion"  (in half of the volumes) 1–3 small dark spheres inside the liver.
+      class 1 "liver"   one large rotated ellipsoid, smooth low-frequency texture;
+      class 2 "kidneys" two smaller elongated ellipsoids mirrored across the W axis, grainy texture;
+      class 3 "lesion"  (in half of the volumes) 1–3 small spheres inside the liver, darker than it.
     Random positions, sizes, rotations and per-organ intensities; a smooth multiplicative bias field and
     Gaussian noise inside the body; a random global contrast (gamma). Then percentile scaling to [−1, 1] (as
     `prepare` does), so the air is exactly −1 and `crop_foreground` finds the body.
+    Each volume has a latent contrast phase (as a CT series does: native, arterial, portal venous, delayed), drawn
+    from its own generator, that sets the organs' brightness relative to the body (PHASE_LEVELS): which organ is
+    brightest differs between phases, so intensity alone does not tell the classes apart, and volumes differ in a
+    property that every crop and augmented view of one volume shares (the signal a DINO teacher can pick up).
     item: {"image": (1, H, W, D) float32 tensor, "label": (H, W, D) int64 tensor (if with_labels; 0 = air or
-    body tissue; later organs overwrite earlier ones), "label_cls": int, "spacing": (3,) float64 tensor of ones}.
+    body tissue; later organs overwrite earlier ones), "label_cls": int, "phase": int (index into PHASE_LEVELS),
+    "spacing": (3,) float64 tensor of ones}.
     label_cls = 1 if the volume has lesions, else 0: a synthetic classification task (linear probe) whose answer
     is a small structure, not the global intensity. ~10–20 ms for 64³ on one core (organs are drawn in their
     bounding boxes only).
@@ -537,6 +542,8 @@ class SyntheticVolumes(torch.utils.data.Dataset):
 
     num_classes = 4  # background/body, liver, kidneys, lesion
     class_names = ("background", "liver", "kidneys", "lesion")
+    # contrast phase -> (liver, kidneys) mean level; body tissue ~0.3, lesions 0.2-0.4 x the liver's level
+    PHASE_LEVELS = {"native": (0.45, 0.38), "arterial": (0.5, 1.0), "portal": (0.92, 0.55), "delayed": (0.15, 0.7)}
 
     def __init__(self, n: int = 64, shape=(64, 64, 64), seed: int = 0, with_labels: bool = False):
         self.n, self.shape, self.seed, self.with_labels = int(n), tuple(int(s) for s in shape), int(seed), with_labels
@@ -579,6 +586,8 @@ class SyntheticVolumes(torch.utils.data.Dataset):
         def u(a, b, k=1):  # uniform draws from this volume's generator
             return a + (b - a) * torch.rand(k, generator=g)
 
+        phase = int(torch.randint(len(self.PHASE_LEVELS), (1,), generator=_generator(self.seed, 0xFA5E, i)))
+        liver_level, kidney_level = list(self.PHASE_LEVELS.values())[phase]
         img = torch.zeros(self.shape)
         label = torch.zeros(self.shape, dtype=torch.int64)
         body_box, body = self._ellipsoid(g, u(-0.05, 0.05, 3), u(0.75, 0.95, 3), rotate=False)
@@ -596,16 +605,17 @@ class SyntheticVolumes(torch.utils.data.Dataset):
             label[box][soft > 0.5] = cls
 
         c_liver, r_liver = u(-0.2, 0.2, 3), u(0.35, 0.5, 3)
-        paint(1, c_liver, r_liver, u(0.85, 1.0), (0.05, 6))  # liver: bright, smooth
+        liver = liver_level + u(-0.075, 0.075)
+        paint(1, c_liver, r_liver, liver, (0.05, 6))  # liver: smooth
         c_kid = u(-0.35, 0.35, 3)
         c_kid[1] = u(0.4, 0.55).item()
         r_kid = torch.cat([u(0.12, 0.18), u(0.16, 0.25), u(0.12, 0.18)])
-        level = u(0.5, 0.6)
+        level = kidney_level + u(-0.05, 0.05)
         for side in (1.0, -1.0):  # kidneys: a mirrored pair along W, grainy (per-voxel noise)
             paint(2, c_kid * torch.tensor([1.0, side, 1.0]), r_kid, level, (0.12, 0))
         label_cls = int(torch.rand(1, generator=g) < 0.5)
         if label_cls:  # lesions: 1-3 dark spheres inside the liver
-            level = u(0.1, 0.2)
+            level = 2 * liver * u(0.1, 0.2)
             for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
                 paint(3, c_liver + u(-0.5, 0.5, 3) * r_liver, [u(0.06, 0.11).item()] * 3, level, (0.03, 4), False)
 
@@ -615,7 +625,7 @@ class SyntheticVolumes(torch.utils.data.Dataset):
         img = img + inside * u(0.005, 0.03) * torch.randn(self.shape, generator=g)
         img = torch.where(inside, img.clamp_min(0.01), 0) ** u(0.7, 1.4)  # tissue stays above air; random gamma
         out = {"image": torch.from_numpy(normalize_percentile(img.numpy()))[None], "label_cls": label_cls,
-               "spacing": torch.ones(3, dtype=torch.float64)}
+               "phase": phase, "spacing": torch.ones(3, dtype=torch.float64)}
         if self.with_labels:
             out["label"] = label
         return out

@@ -6,6 +6,10 @@ HD95 with bootstrap confidence intervals (reference_spec.md §6). The defaults a
     python finetune_seg.py configs/seg_synthetic.py                        # CPU, ~40 s, synthetic phantoms
     python finetune_seg.py configs/seg_hippocampus.py                      # CPU ~5 min, MSD hippocampus, random init
     python finetune_seg.py configs/seg_hippocampus.py --pretrained=out/demo/teacher_backbone.pt --label_fraction=0.1
+    python finetune_seg.py configs/seg_hippocampus.py --pretrained=out/demo/teacher_backbone.pt --random_init=True \
+        --out_dir=out/seg_hippocampus_random            # the baseline: that checkpoint's architecture, fresh weights
+    python finetune_seg.py configs/seg_hippocampus.py --head=linear        # the paper's linear decoder, frozen ViT
+    python finetune_seg.py configs/seg_hippocampus.py --head=unetr --freeze_backbone=False   # UNETR, end to end
     python finetune_seg.py configs/seg_hippocampus.py --resume=True        # continue an interrupted run
     python finetune_seg.py configs/seg_btcv.py --datalist=/data/btcv/dataset_0.json --pretrained=teacher_checkpoint.pth
     torchrun --standalone --nproc_per_node=4 finetune_seg.py configs/seg_brats.py --datalist=/data/brats.json \
@@ -22,13 +26,22 @@ One run:
 Outputs in out_dir: log.jsonl (config + git SHA first), ckpt.pt (resumable, written at every evaluation),
 best.pt (weights with the best validation Dice), results.json, predictions/<case>.nii.gz.
 
+Heads: `head` = "vit_adapter_unetr" (the paper's segmenter), "unetr" or "linear" (the paper's linear decoder), any
+of them with any config: of a config's `head_kwargs`, the options the chosen head's constructor does not take
+(adapter.build_segmenter -> the head class, and adapter.ViTAdapter for "vit_adapter_unetr") but another head does
+are dropped with a one-line note naming them; an option no head takes is an error (`head_options`).
+The "random init" baseline: `--pretrained=CKPT --random_init=True` builds CKPT's architecture and initialises it as
+pretrain.py does its student (same class, init scheme and LayerScale init, seeded by `seed`), so pretrained and
+random arms differ in the backbone weights only — the head even starts from the same weights (`model.random_init_like`).
+
 Differences from the reference, on purpose (spec §9 #13): the label fraction is a seeded shuffle (the reference
 takes the first N cases); background is excluded from every reported Dice; HD95 is computed; bf16 autocast on GPU.
 
 Why the script body sits under `if __name__ == "__main__":` (unlike pretrain.py): tests/test_finetune_seg.py
-imports the reusable pieces above it — sliding-window inference, the Dice losses, case preparation — and
-importing a file must never start a run.
+imports the reusable pieces above it — sliding-window inference, the Dice losses, case preparation, the backbone
+and head choices — and importing a file must never start a run.
 """
+import inspect
 import json
 import math
 import os
@@ -310,6 +323,32 @@ class TrainCrops(torch.utils.data.Dataset):
                 "label": torch.from_numpy(np.stack(crops_y).astype(np.int64))}
 
 
+# -----------------------------------------------------------------------------
+# the backbone and head the options choose: a fresh backbone of a checkpoint's architecture, head options
+
+
+def head_options(head: str, head_kwargs: dict) -> tuple[dict, list]:
+    """Split a config's head_kwargs into (the options `head` takes, the names of those it does not take but
+    another head does). What a head takes is read from its constructor's signature on adapter.build_segmenter's
+    path: the head class, and for "vit_adapter_unetr" also adapter.ViTAdapter, which receives its **adapter_kw.
+    The dropped ones belong to another head (configs/seg_hippocampus.py sets the adapter's feature_size; with
+    --head=linear it has no meaning), so any head runs with any config; the script prints their names. An option
+    that no head takes is a typo and raises ValueError."""
+    if head not in adapter.SEGMENTERS:
+        raise ValueError(f"unknown segmentation head {head!r}; choose one of {sorted(adapter.SEGMENTERS)}")
+
+    def takes(cls):
+        names = {n for n, p in inspect.signature(cls).parameters.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"vit", "in_chans", "num_classes"}
+        return names | (takes(adapter.ViTAdapter) if cls is adapter.ViTAdapterUNETR else set())
+
+    unknown = sorted(set(head_kwargs) - set().union(*(takes(c) for c in adapter.SEGMENTERS.values())))
+    if unknown:
+        raise ValueError(f"head_kwargs {unknown} are options of no segmentation head ({sorted(adapter.SEGMENTERS)})")
+    own = takes(adapter.SEGMENTERS[head])
+    return {k: v for k, v in head_kwargs.items() if k in own}, sorted(set(head_kwargs) - own)
+
+
 if __name__ == "__main__":
     # -----------------------------------------------------------------------------
     # default config values: the paper's BTCV fine-tuning run (spec §6.1–6.7)
@@ -347,8 +386,10 @@ if __name__ == "__main__":
     scale_prob = 1.0  # ... with this probability
     # model
     head = "vit_adapter_unetr"  # "vit_adapter_unetr", "unetr" or "linear" (adapter.build_segmenter)
-    head_kwargs = {}  # extra keyword arguments of adapter.build_segmenter
+    head_kwargs = {}  # extra keyword arguments of the head (adapter.build_segmenter); those the chosen head does
+    #                   not take but another does (feature_size for "linear") are dropped with a note
     pretrained = None  # teacher export, our checkpoint or a reference 3DINO teacher_checkpoint.pth; None = random init
+    random_init = False  # with pretrained: its architecture and pretrain.py's init, fresh weights (seeded by seed)
     arch = "vit_large"  # random init only: vit_tiny / vit_small / vit_base / vit_large / vit_giant
     embed_dim = None  # random init only: None = the arch's; set these three for a custom size (as pretrain.py)
     depth = None
@@ -385,6 +426,10 @@ if __name__ == "__main__":
         raise ValueError("loss='sigmoid_dice' needs regions (label values per region), and regions need it")
     if not 0 < label_fraction <= 1:
         raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    if random_init and not pretrained:
+        raise ValueError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
+                         "without a checkpoint pretrained=None already means random init of arch")
+    head_kw, head_kw_dropped = head_options(head, head_kwargs)  # a typo fails here, before any data is read
 
     # -----------------------------------------------------------------------------
     # DDP and device (nanoGPT style; every rank trains on its own crops, validation cases are split over ranks)
@@ -452,15 +497,22 @@ if __name__ == "__main__":
 
     # -----------------------------------------------------------------------------
     # model: pretrained (or random) ViT -> segmenter; the frozen backbone stays in eval mode
-    if pretrained:
+    if pretrained and random_init:
+        vit = model.random_init_like(pretrained, seed)  # the pretraining's start: same architecture and init scheme
+        backbone_desc = f"random init of {pretrained}'s architecture"
+    elif pretrained:
         vit = model.vit_from_checkpoint(pretrained)
+        backbone_desc = pretrained
     else:
         kw = dict(img_size=crop_size, patch_size=patch_size)
         vit = model.ARCHS[arch](**kw) if embed_dim is None else model.ViT3D(embed_dim=embed_dim, depth=depth,
                                                                             num_heads=num_heads, **kw)
+        backbone_desc = "random init"
     if freeze_backbone:
         vit.requires_grad_(False)
-    net = adapter.build_segmenter(head, vit, in_chans, n_out, **head_kwargs).to(device)
+    if head_kw_dropped and master_process:
+        print(f"head {head!r} does not take head_kwargs {head_kw_dropped} (options of another head): dropped")
+    net = adapter.build_segmenter(head, vit, in_chans, n_out, **head_kw).to(device)
     raw_net = net  # unwrapped, for checkpoints and evaluation
 
     def train_mode():
@@ -472,7 +524,7 @@ if __name__ == "__main__":
     n_train_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
     if master_process:
         print(f"segmenter: {n_params / 1e6:.2f}M parameters, {n_train_params / 1e6:.2f}M trained "
-              f"(backbone {'frozen' if freeze_backbone else 'trained'}, from {pretrained or 'random init'})")
+              f"(backbone {'frozen' if freeze_backbone else 'trained'}, from {backbone_desc})")
 
     # -----------------------------------------------------------------------------
     # optimizer and schedule
@@ -597,7 +649,8 @@ if __name__ == "__main__":
 
     if master_process and start_iter == 0:
         open(os.path.join(out_dir, "log.jsonl"), "w").close()
-        log_line({"config": config, "git_sha": git_sha(), "world_size": world_size})
+        log_line({"config": config, "git_sha": git_sha(), "world_size": world_size, "backbone": backbone_desc,
+                  "head_kwargs_used": head_kw})
 
     # -----------------------------------------------------------------------------
     # training loop: validate at 0, every eval_interval and at the end; then train one step
@@ -704,8 +757,8 @@ if __name__ == "__main__":
         if master_process:
             nan2none = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
             clean = lambda a: [nan2none(float(v)) for v in a]  # noqa: E731
-            res = {"config": config, "git_sha": git_sha(), "best_iter": best_iter, "best_val_dice": best_val,
-                   "class_names": class_names, "n_train_cases": n_train,
+            res = {"config": config, "git_sha": git_sha(), "backbone": backbone_desc, "best_iter": best_iter,
+                   "best_val_dice": best_val, "class_names": class_names, "n_train_cases": n_train,
                    "hd95_note": "mm on the processed grid; a structure present in only one of prediction and "
                                 "label scores the volume diagonal; NaN/null where absent from both",
                    "train_cases": [case_name(c) for c in splits["training"]],

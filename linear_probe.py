@@ -254,7 +254,7 @@ def to_input(x, g=None):
 if pretrained:
     backbone = model.vit_from_checkpoint(pretrained)
     if random_init:
-        backbone = model.ViT3D(**backbone.args)  # same architecture, fresh weights (seeded above)
+        backbone = model.random_init_like(pretrained, seed)  # its architecture, pretraining's init scheme
 else:
     backbone = model.ARCHS[arch](img_size=image_size, patch_size=patch_size)
 backbone = backbone.to(device).eval().requires_grad_(False)

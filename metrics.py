@@ -5,6 +5,8 @@ and the experiments that compare them.
 - segmentation (per class of an integer label map): `dice`, `hd95` (Hausdorff 95 in mm, as MONAI computes it)
 - classification: `accuracy`, `confusion_matrix`, `f1_macro`, `roc_auc`, `macro_auc`
 - statistics over cases: `bootstrap_ci` (percentile bootstrap of a mean), `wilcoxon` (paired signed-rank test)
+- pretraining health: `collapse_monitors` (torch tensors in, floats out) and `collapse_state`, which pretrain.py
+  logs and warns with (README "Reading the collapse monitors")
 
 Segmentation metrics skip class 0 (background) and return an array of length num_classes - 1 whose entry i is
 class i + 1. An undefined value is NaN, so `np.nanmean` over cases aggregates the defined ones; each function
@@ -12,7 +14,10 @@ says when it returns NaN. Inputs may be numpy arrays, lists or CPU torch tensors
 label maps may be float (as `nibabel`'s get_fdata returns them) as long as every value is a whole number.
 """
 
+import math
+
 import numpy as np
+import torch
 from scipy import ndimage, stats
 
 
@@ -247,3 +252,88 @@ def wilcoxon(a, b) -> float:
     if a.size < 2 or np.all(a == b):
         return float("nan")
     return float(stats.wilcoxon(a, b).pvalue)
+
+
+# -----------------------------------------------------------------------------
+# pretraining health: is the DINO/iBOT run learning, or sitting at a collapsed fixed point?
+
+
+def _row_entropy(p: torch.Tensor) -> torch.Tensor:
+    """H(p_i) = -sum_k p_ik log p_ik per row, in nats (0 log 0 = 0)."""
+    p = p.float()
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(H(s / sum s)) of the singular values s of the row-centred (n, d) matrix x (RankMe): 1 when every row
+    lies on one line, min(n - 1, d) when the rows spread evenly over every direction."""
+    s = torch.linalg.svdvals(x.float() - x.float().mean(0, keepdim=True))
+    if float(s.sum()) == 0.0:
+        return 0.0
+    return float(torch.exp(_row_entropy(s / s.sum())))
+
+
+@torch.no_grad()
+def collapse_monitors(teacher_cls, teacher_logits, dino_targets, student_cls, ibot_targets=None,
+                      ibot_weights=None, teacher_temp=None, dino_loss=None, ibot_loss=None, n_crops=None) -> dict:
+    """
+    Health numbers of one DINO/iBOT step, from tensors the step has anyway (nats unless said):
+
+    dino_target_entropy   mean_i H(p_i) of the teacher CLS targets (2B, K): ln K = uniform (no information);
+                          Sinkhorn-Knopp keeps it >= ~ln(K / 2B) in a healthy run; -> 0 one-hot
+    dino_marginal_entropy H(mean_i p_i): ~ln K when the batch uses every prototype; -> 0 when one prototype
+                          takes every image (the one-hot collapse softmax centering can fall into)
+    ibot_target_entropy   mean H over the masked-token targets (M, K)
+    teacher_cls_std       std over the batch's rows of the L2-normalised teacher CLS (2B, E), mean over dims:
+                          ~1/sqrt(E) when images point in different directions, -> 0 when all look alike
+    teacher_logit_spread  mean_k std_i(z_ik) / teacher_temp: how far the targets can move off uniform; << 0.1 means
+                          image-independent teacher outputs
+    cls_effective_rank    effective rank of the centred student CLS (2B, E)
+    dino_kl, ibot_kl      loss - target entropy = KL(teacher || student): ~0 when the student only copies a
+                          (possibly uninformative) target; stays > 0 while there is something left to learn
+    """
+    E = teacher_cls.shape[-1]
+    out = {"dino_target_entropy": float(_row_entropy(dino_targets).mean()),
+           "dino_marginal_entropy": float(_row_entropy(dino_targets.float().mean(0))),
+           "teacher_cls_std": float(torch.nn.functional.normalize(teacher_cls.float(), dim=-1).std(0).mean()),
+           "cls_effective_rank": effective_rank(student_cls),
+           "cls_std_x_sqrt_dim": float(torch.nn.functional.normalize(student_cls.float(), dim=-1).std(0).mean())
+           * math.sqrt(E)}
+    if teacher_temp:
+        out["teacher_logit_spread"] = float(teacher_logits.float().std(0).mean()) / teacher_temp
+    if dino_loss is not None:
+        out["dino_kl"] = float(dino_loss) - out["dino_target_entropy"]
+    if ibot_targets is not None and len(ibot_targets):
+        h = _row_entropy(ibot_targets)
+        out["ibot_target_entropy"] = float(h.mean())
+        if ibot_loss is not None and ibot_weights is not None and n_crops:
+            # the iBOT loss is sum_j w_j CE_j / n_crops: subtract the same weighting of H to get the KL part
+            out["ibot_kl"] = float(ibot_loss) - float((ibot_weights.float() * h).sum()) / n_crops
+    return out
+
+
+def collapse_state(rec: dict, n_prototypes: int) -> str | None:
+    """"uniform", "one-hot" or None (no collapse these numbers can see) for one logged row of monitors.
+
+    uniform: the teacher targets carry (almost) no image information: per-row target entropy >= 0.98 ln K. The
+        DINO loss then sits at ln K (and iBOT at p_mask ln K) whatever the student does.
+    one-hot: one prototype takes (almost) every image: marginal target entropy < 0.1 ln K (softmax centering can
+        fall into it; Sinkhorn-Knopp's equal-share constraint excludes it).
+    """
+    ln_k = math.log(n_prototypes)
+    if rec.get("dino_target_entropy", 0.0) >= 0.98 * ln_k:
+        return "uniform"
+    if rec.get("dino_marginal_entropy", ln_k) < 0.1 * ln_k:
+        return "one-hot"
+    return None
+
+
+COLLAPSE_ADVICE = {
+    "uniform": ("the teacher's DINO targets are uniform: they carry no image information and the DINO loss sits "
+                "at ln K. Knobs, most effective first: layerscale_init (0.1 for < 18 blocks), a faster teacher "
+                "(momentum_teacher so that sum(1 - m) >= 5 over the run), more steps / higher base_lr, "
+                "fewer prototypes (head_n_prototypes), a lower warmup_teacher_temp"),
+    "one-hot": ("one prototype takes the whole batch (constant, one-hot targets): the features no longer depend "
+                "on the image. Knobs: centering='sinkhorn_knopp', a higher teacher_temp, a lower base_lr, "
+                "a slower teacher (momentum_teacher closer to 1)"),
+}

@@ -193,7 +193,7 @@ class ViT3D(nn.Module):
         # remembered so a checkpoint can rebuild the same model (see vit_from_checkpoint)
         self.args = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                          depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                         proj_bias=proj_bias, ffn_bias=ffn_bias)
+                         proj_bias=proj_bias, ffn_bias=ffn_bias, layerscale_init=layerscale_init)
         self.patch_size, self.in_chans, self.embed_dim = patch_size, in_chans, embed_dim
         self.depth, self.num_heads = depth, num_heads
         self.grad_checkpointing = grad_checkpointing
@@ -482,6 +482,23 @@ def vit_from_checkpoint(path_or_state_dict, **overrides) -> ViT3D:
                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / E)
     args.update(overrides)
     return load_pretrained(ViT3D(**args), obj)
+
+
+def random_init_like(ckpt, seed: int) -> ViT3D:
+    """A freshly initialised ViT3D of the architecture `ckpt` (path or loaded dict) was trained with: the "random
+    init" baseline that differs from the pretrained model in the weights only. Built as pretrain.py builds its
+    student backbone (the same class and init right after torch.manual_seed(seed)), so with the pretraining's seed
+    it is that run's step-0 backbone. layerscale_init comes from the export's model_args, for older exports from
+    the pretraining config stored with it, else 3DINO's 1e-5 (the trained gammas no longer show it). The caller's
+    global RNG is left as it was."""
+    obj = ckpt if isinstance(ckpt, dict) else torch.load(ckpt, map_location="cpu", weights_only=True)
+    args = dict(vit_from_checkpoint(obj).args)
+    cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    if "layerscale_init" not in (obj.get("model_args") or {}):
+        args["layerscale_init"] = cfg.get("layerscale_init", 1e-5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ViT3D(**args)
 
 
 # -----------------------------------------------------------------------------

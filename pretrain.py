@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import augment
 import losses
+import metrics
 import model
 from data import PretrainDataset, StepSampler, collate_pretrain  # (the config key `data` takes the module's name)
 
@@ -49,11 +50,14 @@ export_interval = 12500  # steps between teacher exports (reference: eval_period
 resume = False  # continue the run in out_dir from ckpt.pt
 init_from = None  # a teacher checkpoint to start from (high-res stage): backbone + heads, pos-embed resized
 visualize_at_end = False  # write a PCA/attention montage of one volume with the final teacher (visualize.py)
+eval_at_end = False  # evaluate.py: the final teacher vs its random init on held-out labelled phantoms -> eval.json
 seed = 0
 # data
 data = ""  # a prepared cache folder, a datalist JSON, a folder or glob of volumes; "" = synthetic phantoms
 num_workers = 4  # DataLoader workers per rank (they only read crop regions; augmentation runs on the device)
 min_axis_size = 24  # drop volumes whose smallest axis is <= this (reference: data_min_axis_size)
+batches_from = None  # a .pt list of stored make_views outputs, one per micro-step (tests: the reference trajectory),
+# used instead of the loader + augment.make_views; micro-step m of step it reads entry it * grad_accum_steps + m
 # model
 arch = "vit_large"  # vit_tiny / vit_small / vit_base / vit_large / vit_giant
 embed_dim = None  # None = the arch's; set these three for a custom (e.g. demo) size
@@ -373,10 +377,11 @@ def teacher_targets(views_list, temp):
     may hold only a few images. The iBOT targets are normalised per micro-batch (all ranks): a micro-batch already
     holds thousands of masked tokens, and keeping every micro-batch's (M, K) targets alive would cost GBs.
     We keep the teacher's masked patch tokens (M, E), not logits, and run the iBOT head just in time."""
-    cls_logits, masked_tokens = [], []
+    cls_logits, masked_tokens, cls_tokens = [], [], []
     with torch.no_grad(), autocast:
         for v in views_list:
             out = teacher.backbone.forward_features(v["global_crops"])
+            cls_tokens.append(out["x_norm_clstoken"].float())  # (2b, E), for the collapse monitors
             cls_logits.append(teacher.dino_head(out["x_norm_clstoken"]).float())  # (2b, K)
             masked_tokens.append(out["x_norm_patchtokens"].flatten(0, 1)[v["mask_indices_list"]])  # (M, E)
     all_cls = torch.cat(cls_logits)
@@ -385,7 +390,8 @@ def teacher_targets(views_list, temp):
     else:
         probs = losses.softmax_center(all_cls, centers["dino"], temp)
         centers["dino"] = losses.update_center(centers["dino"], all_cls, center_momentum)
-    return list(probs.split([len(c) for c in cls_logits])), masked_tokens
+    monitor_in = {"teacher_cls": torch.cat(cls_tokens), "teacher_logits": all_cls, "dino_targets": probs}
+    return list(probs.split([len(c) for c in cls_logits])), masked_tokens, monitor_in
 
 
 def ibot_targets(tokens, temp):
@@ -421,8 +427,10 @@ def save_checkpoint(step):
                 ckpt_path)
 
 
-loader = make_loader(start_step)
-batches = iter(loader)
+if batches_from:  # stored views (one process): no dataset, no augmentation
+    stored_views = torch.load(batches_from, map_location=device, weights_only=True)
+else:
+    batches = iter(make_loader(start_step))
 pbar = None
 if master_process:
     from tqdm import tqdm
@@ -431,6 +439,11 @@ if master_process:
 t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
+MONITORS = ("dino_target_entropy", "dino_marginal_entropy", "ibot_target_entropy", "teacher_cls_std",
+            "teacher_logit_spread", "cls_effective_rank", "cls_std_x_sqrt_dim", "dino_kl", "ibot_kl",
+            "layerscale_gamma")
+# collapse warnings only once the lr has warmed up and the run has had a fifth of its steps to leave the start
+collapse_check_from, warned = max(warmup_iters, max_iters // 5), False
 for it in range(start_step, max_iters):
     # every random draw of step `it` derives from (seed, rank, it): the data sample counters (StepSampler), the
     # augmentation generator below and the global RNG (drop path), re-seeded here; so a killed and resumed run
@@ -448,14 +461,17 @@ for it in range(start_step, max_iters):
     # data for every micro-step of this optimizer step
     t0 = time.perf_counter()
     views_list = []
-    for _ in range(grad_accum_steps):
+    for micro in range(grad_accum_steps):
+        if batches_from:
+            views_list.append(stored_views[it * grad_accum_steps + micro])
+            continue
         raw = next(batches)
         views_list.append(augment.make_views(raw, global_crops_size, local_crops_size, patch_size, gen, device,
                                              mask_ratio_min_max, mask_sample_probability))
     data_wait += time.perf_counter() - t0
 
     # teacher targets (no grad) for the whole step
-    dino_targets, teacher_masked = teacher_targets(views_list, temp_now)
+    dino_targets, teacher_masked, monitor_in = teacher_targets(views_list, temp_now)
 
     # student forward/backward, micro-step by micro-step
     optimizer.zero_grad(set_to_none=True)
@@ -495,23 +511,40 @@ for it in range(start_step, max_iters):
     # logging, checkpoints, exports
     step = it + 1
     if step % log_interval == 0 or step == max_iters:
-        vals = torch.stack([terms["dino_loss"], terms["ibot_loss"], terms["koleo_loss"]]).float()
+        # collapse monitors (metrics.collapse_monitors) from this step's last micro-batch and its DINO targets
+        mon = metrics.collapse_monitors(
+            monitor_in["teacher_cls"], monitor_in["teacher_logits"], monitor_in["dino_targets"], cls_g.detach(),
+            ibot_t, v["masks_weight"], temp_now, dino_loss=terms["dino_loss"], ibot_loss=ibot, n_crops=len(cls_g))
+        mon["layerscale_gamma"] = float(torch.stack([b.ls1.gamma.abs().mean() + b.ls2.gamma.abs().mean()
+                                                     for b in raw_student.backbone.blocks]).mean() / 2)
+        mon = {k: mon.get(k, float("nan")) for k in MONITORS}  # the same keys on every rank
+        vals = torch.tensor([float(terms["dino_loss"]), float(terms["ibot_loss"]), float(terms["koleo_loss"])]
+                            + list(mon.values()), dtype=torch.float64, device=device)
         if ddp:
             dist.all_reduce(vals, op=dist.ReduceOp.AVG)
+        mon = dict(zip(MONITORS, vals[3:].tolist()))
         dt = time.perf_counter() - t_last
         samples_per_s = n_since * batch_size / dt
-        rec = {"step": step, "loss": float(vals.sum()), "dino_loss": float(vals[0]), "ibot_loss": float(vals[1]),
+        rec = {"step": step, "loss": float(vals[:3].sum()), "dino_loss": float(vals[0]), "ibot_loss": float(vals[1]),
                "koleo_loss": float(vals[2]), "lr": lr_now, "wd": wd_now, "momentum": mom_now,
                "teacher_temp": temp_now, "last_layer_lr": last_lr_now,
                **{f"grad_norm_{k}": v for k, v in grad_norms.items()},
-               "samples_per_s": samples_per_s, "data_wait_frac": data_wait / dt}
+               "samples_per_s": samples_per_s, "data_wait_frac": data_wait / dt, **mon}
+        collapse = metrics.collapse_state(rec, head_n_prototypes) if it >= collapse_check_from else None
+        rec["collapse"] = collapse
         if device_type == "cuda":
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
             if peak_flops:
                 rec["mfu"] = samples_per_s / world_size * img_flops / peak_flops
         if master_process:
             log_line(rec)
-            pbar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr_now:.2e}", sps=f"{samples_per_s:.1f}")
+            pbar.set_postfix(dino=f"{rec['dino_loss']:.2f}/lnK {math.log(head_n_prototypes):.2f}",
+                             ibot=f"{rec['ibot_loss']:.2f}", H=f"{mon['dino_target_entropy']:.2f}",
+                             lr=f"{lr_now:.1e}", sps=f"{samples_per_s:.1f}",
+                             **({"COLLAPSE": collapse} if collapse else {}))
+            if collapse and not warned:
+                warned = True
+                pbar.write(f"WARNING step {step}: {collapse} collapse: {metrics.COLLAPSE_ADVICE[collapse]}")
         t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
     if master_process:
         pbar.update(1)
@@ -530,6 +563,11 @@ if master_process:
 
         png = visualize.demo_montage(os.path.join(out_dir, "teacher_backbone.pt"), data or None, out_dir)
         print(f"wrote {png}")
+    if eval_at_end:
+        import evaluate
+
+        res = evaluate.run(os.path.join(out_dir, "teacher_backbone.pt"), os.path.join(out_dir, "eval.json"))
+        print(evaluate.summary_line(res))
 if ddp:
     # sanity check: DDP must have kept every rank's student identical (same init, same averaged gradients)
     checksum = torch.stack([p.detach().double().sum() for p in raw_student.parameters()])

@@ -1,8 +1,9 @@
 # BTCV multi-organ CT (13 organs + background), the paper's settings (spec §6.1-6.2, 6.6-6.7) on one GPU:
 #   python finetune_seg.py configs/seg_btcv.py --datalist=/data/btcv/datalist.json --pretrained=teacher_checkpoint.pth
 # The datalist holds {"training", "validation", "test"} lists of {"image", "label"} (a MONAI-style dataset_0.json
-# without "test" works too: the test pass then reports the validation cases). pretrained = None trains the
-# paper's "Random" baseline (a randomly initialised, frozen ViT-L/16).
+# without "test" works too: the test pass then reports the validation cases). The paper's "Random" baseline (a
+# randomly initialised, frozen ViT-L/16): pretrained = None, or --random_init=True with the checkpoint (its
+# architecture, initialised as pretraining does).
 out_dir = "out/seg_btcv"
 datalist = "data/btcv/datalist.json"
 in_chans = 1

@@ -14,7 +14,8 @@ embed_dim = 48  # a tiny ViT: 4 blocks (the adapter needs depth divisible by 4)
 depth = 4
 num_heads = 2
 patch_size = 8
-head_kwargs = {"feature_size": 8, "deform_num_heads": 2}
+head_kwargs = {"feature_size": 8, "deform_num_heads": 2}  # the adapter's; --head=unetr keeps feature_size,
+#                                                         --head=linear drops both (a note names them)
 max_iters = 60
 warmup_iters = 10
 learning_rate = 3e-3  # a short run on an easy task: far above the paper's 1e-4

@@ -1,19 +1,30 @@
 """
 experiments/label_efficiency.py — the paper's Fig. 2 protocol at laptop scale, on real data (MSD hippocampus).
 
-    python experiments/label_efficiency.py              # every stage, about an hour on 2 CPU cores
+    python experiments/label_efficiency.py              # every stage: 18 finetuning runs, a few hours on 2 CPU cores
     python experiments/label_efficiency.py --fractions 0.1 1.0 --seg_iters 200    # a shorter variant
+    python experiments/label_efficiency.py --protocols adapter                    # one protocol (the old experiment)
 
 1. prepare the *training* images of the fixed split (data_splits/msd_hippocampus.json) — labels unused;
 2. pretrain the demo-sized ViT on them (configs/pretrain_hippocampus.py);
-3. finetune the ViT-Adapter segmenter (configs/seg_hippocampus.py) at each label fraction from (a) the pretrained
-   teacher and (b) random init of the same architecture — same split, same label subsets, same seeds;
+3. finetune segmenters (configs/seg_hippocampus.py) with the paper's three protocols, each at each label fraction,
+   from (a) the pretrained teacher and (b) random init of its architecture (`--pretrained=<teacher>
+   --random_init=True`: the same ViT, initialised as the pretraining's student was at step 0, the same head init)
+   — same split, same label subsets, same seeds:
+     linear   the frozen backbone + the paper's linear decoder        (--head=linear)
+     adapter  the frozen backbone + ViT-Adapter + UNETR decoder       (the config's head)
+     unetr    UNETR, backbone and decoder tuned end to end            (--head=unetr --freeze_backbone=False)
+   (all with the config's optimiser settings: 300 steps, lr 1e-3, chosen for the adapter and not re-tuned);
 4. linear-probe the same two backbones on the derived classification task (configs/probe_hippocampus.py);
-5. print and save (out/label_efficiency/summary.{json,md}) per-class test Dice with 95% bootstrap CIs, the paired
-   Wilcoxon p-value of per-case mean Dice (pretrained vs random, the same test cases), and probe AUC / F1.
-Every stage is skipped when its output already exists, so an interrupted experiment continues where it stopped.
-Nothing here is tuned on the test split: the settings are the configs' and the best checkpoint is chosen on
-validation by finetune_seg.py / linear_probe.py.
+5. print and save (out/label_efficiency/summary.{json,md}) one row per (protocol, label fraction): test Dice
+   (mean over cases of the foreground classes) with 95% bootstrap CIs for pretrained and random init, and the
+   paired Wilcoxon p-value of per-case mean Dice (the same test cases); per-class Dice and HD95 go to summary.json;
+   then probe AUC / F1.
+Every stage is skipped when its output already exists, and a finetuning run killed midway resumes from its
+ckpt.pt, so an interrupted experiment continues where it stopped. (Runs are in seg_<protocol>_<init>_<fraction>;
+the seg_<init>_<fraction> folders of the older single-protocol version, whose random arm was another ViT, are
+not read.) Nothing here is tuned on the test split: the settings are the configs' and the best checkpoint is
+chosen on validation by finetune_seg.py / linear_probe.py.
 """
 import argparse
 import json
@@ -29,13 +40,22 @@ sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import metrics  # noqa: E402
 
+PROTOCOLS = {  # name -> (what, finetune_seg.py options on top of configs/seg_hippocampus.py); the paper's three
+    "linear": ("frozen ViT + linear decoder", ["--head=linear"]),
+    "adapter": ("frozen ViT + ViT-Adapter/UNETR decoder", []),  # the config's head (vit_adapter_unetr)
+    "unetr": ("UNETR tuned end to end", ["--head=unetr", "--freeze_backbone=False"]),
+}
+
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--out", default="out/label_efficiency")
 p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
+p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS),
+               help="segmentation protocols to run, a subset of %(choices)s (default: all three)")
 p.add_argument("--pretrain_iters", type=int, default=None, help="override configs/pretrain_hippocampus.py")
 p.add_argument("--seg_iters", type=int, default=None, help="override configs/seg_hippocampus.py's max_iters")
 p.add_argument("--seed", type=int, default=0)
 args = p.parse_args()
+args.protocols = list(dict.fromkeys(args.protocols))  # each once, in the order given
 os.chdir(ROOT)
 out = args.out
 os.makedirs(out, exist_ok=True)
@@ -75,17 +95,21 @@ if os.path.exists(os.path.join(pre_dir, "ckpt.pt")) and not os.path.exists(teach
     cmd.append("--resume=True")
 run("pretrain", cmd, teacher)
 
-# --- 3. segmentation at each label fraction, pretrained vs random -----------------------------------------------
+# --- 3. segmentation: each protocol at each label fraction, pretrained vs random init of the same ViT --------------
+INITS = {"pretrained": [f"--pretrained={teacher}"], "random": [f"--pretrained={teacher}", "--random_init=True"]}
 seg = {}
-for frac in args.fractions:
-    for init in ("pretrained", "random"):
-        d = os.path.join(out, f"seg_{init}_{frac:g}")
-        cmd = ["finetune_seg.py", "configs/seg_hippocampus.py", f"--out_dir={d}", f"--label_fraction={frac}",
-               f"--seed={args.seed}"] + ([f"--pretrained={teacher}"] if init == "pretrained" else [])
-        if args.seg_iters:
-            cmd.append(f"--max_iters={args.seg_iters}")
-        run(f"seg {init} {frac:g}", cmd, os.path.join(d, "results.json"))
-        seg[(frac, init)] = json.load(open(os.path.join(d, "results.json")))
+for proto in args.protocols:
+    for frac in args.fractions:
+        for init, init_opts in INITS.items():
+            d = os.path.join(out, f"seg_{proto}_{init}_{frac:g}")
+            cmd = (["finetune_seg.py", "configs/seg_hippocampus.py", f"--out_dir={d}", f"--label_fraction={frac}",
+                    f"--seed={args.seed}"] + PROTOCOLS[proto][1] + init_opts)
+            if args.seg_iters:
+                cmd.append(f"--max_iters={args.seg_iters}")
+            if os.path.exists(os.path.join(d, "ckpt.pt")) and not os.path.exists(os.path.join(d, "results.json")):
+                cmd.append("--resume=True")  # killed midway: go on from its last evaluation
+            run(f"seg {proto} {init} {frac:g}", cmd, os.path.join(d, "results.json"))
+            seg[(proto, frac, init)] = json.load(open(os.path.join(d, "results.json")))
 
 # --- 4. linear probe, pretrained vs random ----------------------------------------------------------------------
 probe = {}
@@ -108,21 +132,23 @@ def case_means(res):
     return {c["case"]: float(np.nanmean(c["dice"])) for c in res["test_cases"] if c["dice"] is not None}
 
 
-names = seg[(args.fractions[0], "pretrained")]["config"].get("class_names") or ["class 1", "class 2"]
-lines = ["| labels | init | " + " | ".join(f"Dice {n}" for n in names) + " | Dice mean | HD95 mean (mm) | Wilcoxon p |",
-         "|---|---|" + "---|" * (len(names) + 3)]
+lines = ["| protocol | labels | pretrained Dice [95% CI] | random init Dice [95% CI] | Wilcoxon p (n) |",
+         "|---|---|---|---|---|"]
 summary = {"segmentation": [], "probe": {}, "timings_s": timings}
-for frac in args.fractions:
-    a, b = case_means(seg[(frac, "pretrained")]), case_means(seg[(frac, "random")])
-    common = sorted(set(a) & set(b))
-    pval = metrics.wilcoxon(np.array([a[c] for c in common]), np.array([b[c] for c in common]))
-    for init in ("pretrained", "random"):
-        r = seg[(frac, init)]
-        per_class = [fmt(m, ci) for m, ci in zip(r["test_dice_per_class"], r["test_dice_per_class_ci"])]
-        lines.append(f"| {frac:.0%} | {init} | " + " | ".join(per_class) + f" | {fmt(r['test_dice_mean'], r['test_dice_ci'])}"
-                     f" | {fmt(r['test_hd95_mean'], r['test_hd95_ci'])} | {pval:.3g} |")
-        summary["segmentation"].append({"fraction": frac, "init": init, "wilcoxon_p_vs_other": pval,
-                                        **{k: r[k] for k in r if k.startswith("test_") and k != "test_cases"}})
+for proto in args.protocols:
+    for frac in args.fractions:
+        r = {init: seg[(proto, frac, init)] for init in INITS}
+        a, b = case_means(r["pretrained"]), case_means(r["random"])
+        common = sorted(set(a) & set(b))  # the same test cases; paired per case
+        pval = metrics.wilcoxon(np.array([a[c] for c in common]), np.array([b[c] for c in common]))
+        lines.append(f"| {PROTOCOLS[proto][0]} | {frac:.0%} | "
+                     + " | ".join(fmt(r[i]["test_dice_mean"], r[i]["test_dice_ci"]) for i in INITS)
+                     + f" | {pval:.3g} ({len(common)}) |")
+        summary["segmentation"].append({
+            "protocol": proto, "what": PROTOCOLS[proto][0], "fraction": frac, "wilcoxon_p": pval,
+            "n_paired_cases": len(common), "class_names": r["pretrained"]["config"].get("class_names"),
+            **{init: {k: v for k, v in r[init].items() if k.startswith("test_") and k != "test_cases"}
+               for init in INITS}})
 lines += ["", "| probe | init | AUC | F1 | accuracy |", "|---|---|---|---|---|"]
 for init in ("pretrained", "random"):
     s = probe[init]["summary"]

@@ -1,5 +1,7 @@
-"""finetune_seg.py: sliding-window inference, Dice losses, the way back to the input file's grid, and the script
-itself run end to end (learns on synthetic phantoms stored as NIfTI, resumes exactly, rejects bad datalists)."""
+"""finetune_seg.py: sliding-window inference, Dice losses, the way back to the input file's grid, the backbone and
+head choices (random init of a checkpoint's architecture, head options of another head), and the script itself run
+end to end (learns on synthetic phantoms stored as NIfTI, resumes exactly, rejects bad datalists, any head with any
+config)."""
 import json
 import math
 import os
@@ -16,6 +18,7 @@ from conftest import ROOT
 import data
 import finetune_seg as fs
 import metrics
+import model
 
 # -----------------------------------------------------------------------------
 # sliding window
@@ -135,6 +138,67 @@ def test_prediction_goes_back_to_the_input_grid(tmp_path, target_spacing, crop_f
 
 
 # -----------------------------------------------------------------------------
+# backbone and head choices
+
+
+def _tiny_checkpoint(path, layerscale_init=0.1, img_size=32):
+    """A teacher export as pretrain.py writes it ({"teacher", "model_args", "config"}) of a tiny ViT built with
+    layerscale_init, whose weights then moved away from their init (as training would move them)."""
+    torch.manual_seed(123)
+    vit = model.ViT3D(img_size=img_size, patch_size=8, embed_dim=48, depth=4, num_heads=2,
+                      layerscale_init=layerscale_init)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}, "model_args": vit.args,
+                "config": {"layerscale_init": layerscale_init, "seed": 0}, "step": 10}, path)
+    return vit
+
+
+def test_random_init_is_the_checkpoints_architecture_with_pretrainings_init(tmp_path):
+    ckpt = tmp_path / "teacher_backbone.pt"
+    trained = _tiny_checkpoint(ckpt, layerscale_init=0.1).state_dict()
+    fresh = model.random_init_like(str(ckpt), seed=3).state_dict()
+    # the same architecture: the same keys and shapes (patch 8, 4^3 grid, 48 wide, 4 blocks)
+    assert list(fresh) == list(trained)
+    assert all(fresh[k].shape == trained[k].shape for k in trained)
+    # LayerScale starts at the pretraining's layerscale_init (0.1 here, not ViT3D's default 1e-5) ...
+    gammas = [k for k in fresh if k.endswith(".gamma")]
+    assert len(gammas) == 8 and all(torch.equal(fresh[k], torch.full_like(fresh[k], 0.1)) for k in gammas)
+    # ... and every tensor differs from the checkpoint's (the trained gammas moved away from 0.1)
+    for k in trained:
+        assert not torch.equal(fresh[k], trained[k]), k
+    # seeded: the same seed gives the same weights, another seed others
+    again = model.random_init_like(str(ckpt), seed=3).state_dict()
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
+    other = model.random_init_like(str(ckpt), seed=4).state_dict()
+    assert not torch.equal(fresh["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+    # exactly pretrain.py's student init: torch.manual_seed(seed), then ViT3D with the run's arguments
+    torch.manual_seed(3)
+    want = model.ViT3D(**{**torch.load(ckpt, weights_only=True)["model_args"], "layerscale_init": 0.1}).state_dict()
+    assert all(torch.equal(fresh[k], want[k]) for k in want)
+    # the caller's RNG goes on as after loading the checkpoint: the head then starts alike in both arms
+    torch.manual_seed(0)
+    model.vit_from_checkpoint(str(ckpt))
+    after_pretrained = torch.rand(4)
+    torch.manual_seed(0)
+    model.random_init_like(str(ckpt), seed=3)
+    assert torch.equal(torch.rand(4), after_pretrained)
+
+
+def test_head_options_of_another_head_are_dropped():
+    kw = {"feature_size": 8, "deform_num_heads": 2}  # configs/seg_synthetic.py: the ViT-Adapter's options
+    assert fs.head_options("vit_adapter_unetr", kw) == (kw, [])  # deform_num_heads reaches ViTAdapter
+    assert fs.head_options("unetr", kw) == ({"feature_size": 8}, ["deform_num_heads"])
+    assert fs.head_options("linear", kw) == ({}, ["deform_num_heads", "feature_size"])
+    assert fs.head_options("linear", {"mix_single_channel": True}) == ({"mix_single_channel": True}, [])
+    with pytest.raises(ValueError, match="feature_sze"):  # an option of no head is a typo, not dropped
+        fs.head_options("linear", {"feature_sze": 8})
+    with pytest.raises(ValueError, match="unknown segmentation head"):
+        fs.head_options("unet", {})
+
+
+# -----------------------------------------------------------------------------
 # the script, end to end
 
 
@@ -251,3 +315,25 @@ def test_bad_datalist_is_rejected_before_training(tmp_path):
     assert "case two_chans_img" in err and "2 channel(s)" in err and "in_chans=1" in err
     assert "case ok_img" not in err
     assert not (out / "ckpt.pt").exists()  # nothing trained
+
+
+@pytest.mark.slow
+def test_any_head_runs_with_a_config_written_for_another(tmp_path):
+    # configs/seg_synthetic.py sets the ViT-Adapter's head_kwargs; --head=linear used to fail on feature_size.
+    # Here from --random_init=True of a checkpoint: the description names it; UNETR with a trained backbone too.
+    ckpt = tmp_path / "teacher_backbone.pt"
+    _tiny_checkpoint(ckpt)
+    common = ["configs/seg_synthetic.py", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)",
+              "--max_iters=2", "--eval_interval=2", "--save_predictions=False", f"--pretrained={ckpt}",
+              "--random_init=True"]
+    p = _run(*common, "--head=linear", f"--out_dir={tmp_path / 'linear'}")
+    assert "head 'linear' does not take head_kwargs ['deform_num_heads', 'feature_size']" in p.stdout
+    assert f"random init of {ckpt}'s architecture" in p.stdout
+    res = json.loads((tmp_path / "linear" / "results.json").read_text())
+    assert res["backbone"] == f"random init of {ckpt}'s architecture" and res["test_dice_mean"] is not None
+    p = _run(*common, "--head=unetr", "--freeze_backbone=False", f"--out_dir={tmp_path / 'unetr'}")
+    assert "head 'unetr' does not take head_kwargs ['deform_num_heads']" in p.stdout and "backbone trained" in p.stdout
+    assert (tmp_path / "unetr" / "results.json").exists()
+    # random_init needs a checkpoint: a one-line error before any work
+    p = _run("configs/seg_synthetic.py", "--random_init=True", f"--out_dir={tmp_path / 'bad'}", check=False)
+    assert p.returncode != 0 and "random_init=True needs pretrained=" in p.stderr

@@ -235,3 +235,67 @@ def test_wilcoxon_degenerate_inputs():
     assert np.isnan(wilcoxon([0.5, 0.6], [0.5, 0.6]))  # all differences zero
     with pytest.raises(ValueError, match="same shape"):
         wilcoxon([1, 2, 3], [1, 2])
+
+
+# -----------------------------------------------------------------------------
+# collapse monitors (pretraining health)
+
+
+def test_collapse_monitors_on_the_two_fixed_points_and_a_healthy_batch():
+    import math
+
+    import torch
+
+    from metrics import collapse_monitors, collapse_state, effective_rank
+
+    n, K, E = 8, 64, 16
+    torch.manual_seed(0)
+    cls = torch.randn(n, E)
+    logits = torch.randn(n, K)
+    # uniform targets: entropy ln K, KL = loss - ln K
+    uniform = torch.full((n, K), 1 / K)
+    m = collapse_monitors(cls, logits, uniform, cls, teacher_temp=0.04, dino_loss=torch.tensor(math.log(K) + 0.1))
+    assert m["dino_target_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+    assert m["dino_marginal_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+    assert m["dino_kl"] == pytest.approx(0.1, abs=1e-5)
+    assert collapse_state(m, K) == "uniform"
+    # every image on the same prototype: marginal entropy 0 -> one-hot
+    same = torch.zeros(n, K)
+    same[:, 3] = 1
+    m = collapse_monitors(cls, logits, same, cls)
+    assert m["dino_target_entropy"] == pytest.approx(0, abs=1e-6) and m["dino_marginal_entropy"] < 1e-6
+    assert collapse_state(m, K) == "one-hot"
+    # healthy: each image its own prototype -> entropy 0, marginal ln n
+    own = torch.eye(K)[:n]
+    m = collapse_monitors(cls, logits, own, cls)
+    assert m["dino_marginal_entropy"] == pytest.approx(math.log(n), abs=1e-5)
+    assert collapse_state(m, K) is None
+    # teacher_cls_std: identical rows -> 0; isotropic Gaussian rows -> ~1/sqrt(E)
+    assert collapse_monitors(torch.ones(n, E), logits, own, cls)["teacher_cls_std"] == pytest.approx(0, abs=1e-7)
+    wide = collapse_monitors(torch.randn(4096, E), torch.randn(4096, K), torch.full((4096, K), 1 / K), cls)
+    assert wide["teacher_cls_std"] == pytest.approx(1 / math.sqrt(E), rel=0.05)
+    # logit spread: std over rows / temperature
+    m = collapse_monitors(cls, logits, own, cls, teacher_temp=0.5)
+    assert m["teacher_logit_spread"] == pytest.approx(float(logits.std(0).mean()) / 0.5, rel=1e-6)
+    # effective rank: one line -> 1; a centred simplex of 4 points in 3 directions -> 3 equal singular values
+    line = torch.arange(6.0)[:, None] * torch.randn(1, E)
+    assert effective_rank(line) == pytest.approx(1.0, abs=1e-3)
+    assert effective_rank(torch.eye(4)) == pytest.approx(3.0, abs=1e-4)
+    assert effective_rank(torch.ones(5, E)) == 0.0
+
+
+def test_ibot_kl_subtracts_the_loss_weighting_of_the_target_entropy():
+    import math
+
+    import torch
+
+    from metrics import collapse_monitors
+
+    K = 32
+    targets = torch.full((6, K), 1 / K)  # 6 masked tokens, uniform
+    w = torch.tensor([1 / 2, 1 / 2, 1 / 4, 1 / 4, 1 / 4, 1 / 4])  # two masked images (of 4 rows)
+    loss = torch.tensor(2 * math.log(K) / 4 + 0.3)  # sum_j w_j CE_j / n_crops with CE = ln K, plus 0.3
+    m = collapse_monitors(torch.randn(4, 8), torch.randn(4, K), torch.full((4, K), 1 / K), torch.randn(4, 8),
+                          ibot_targets=targets, ibot_weights=w, ibot_loss=loss, n_crops=4)
+    assert m["ibot_target_entropy"] == pytest.approx(math.log(K), abs=1e-5)
+    assert m["ibot_kl"] == pytest.approx(0.3, abs=1e-5)

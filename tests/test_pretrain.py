@@ -1,6 +1,7 @@
 """pretrain.py end to end on a tiny model (a few steps each, run as the real script in a subprocess): the EMA
 rule, the frozen last layer, the parameter groups, kill-and-resume, DDP under torchrun, and high-res init."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -179,3 +180,20 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
                          text=True, timeout=120)
     assert res.returncode != 0
     assert "non-finite loss at step" in res.stderr
+
+
+def test_collapse_monitors_logged_and_uniform_collapse_warned(tmp_path):
+    # LayerScale 1e-5 and a teacher that barely moves: the DINO targets are uniform from the first step (the
+    # fixed point every short run of the paper's settings sits at); after warm-up the run must say so, once
+    res, out = run(tmp_path, max_iters=6, warmup_iters=2)
+    rows = [json.loads(l) for l in open(out / "log.jsonl") if '"step"' in l]
+    names = ("dino_target_entropy", "ibot_target_entropy", "teacher_cls_std", "cls_effective_rank",
+             "teacher_logit_spread", "dino_kl", "ibot_kl", "layerscale_gamma")
+    for r in rows:
+        assert all(isinstance(r[k], float) for k in names), r
+    ln_k = math.log(TINY["head_n_prototypes"])
+    assert rows[-1]["dino_target_entropy"] == pytest.approx(ln_k, abs=0.01)
+    assert rows[-1]["collapse"] == "uniform" and rows[0]["collapse"] is None  # not judged during warm-up
+    assert rows[-1]["layerscale_gamma"] < 1e-2
+    text = res.stdout + res.stderr
+    assert text.count("WARNING") == 1 and "uniform collapse" in text and "layerscale_init" in text
