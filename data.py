@@ -532,9 +532,12 @@ class SyntheticVolumes(torch.utils.data.Dataset):
     from its own generator, that sets the organs' brightness relative to the body (PHASE_LEVELS): which organ is
     brightest differs between phases, so intensity alone does not tell the classes apart, and volumes differ in a
     property that every crop and augmented view of one volume shares (the signal a DINO teacher can pick up).
+    A second latent, the body tissue's texture (TEXTURES: smooth to blotchy), is visible in every crop, local ones
+    too. Without them (every phantom "portal", smooth) views of one phantom were no closer than views of
+    different phantoms, and every recipe tried stayed at the uniform fixed point (experiments/README.md).
     item: {"image": (1, H, W, D) float32 tensor, "label": (H, W, D) int64 tensor (if with_labels; 0 = air or
-    body tissue; later organs overwrite earlier ones), "label_cls": int, "phase": int (index into PHASE_LEVELS),
-    "spacing": (3,) float64 tensor of ones}.
+    body tissue; later organs overwrite earlier ones), "label_cls": int, "phase" and "texture": ints (indices
+    into PHASE_LEVELS, TEXTURES), "spacing": (3,) float64 tensor of ones}.
     label_cls = 1 if the volume has lesions, else 0: a synthetic classification task (linear probe) whose answer
     is a small structure, not the global intensity. ~10–20 ms for 64³ on one core (organs are drawn in their
     bounding boxes only).
@@ -544,6 +547,8 @@ class SyntheticVolumes(torch.utils.data.Dataset):
     class_names = ("background", "liver", "kidneys", "lesion")
     # contrast phase -> (liver, kidneys) mean level; body tissue ~0.3, lesions 0.2-0.4 x the liver's level
     PHASE_LEVELS = {"native": (0.45, 0.38), "arterial": (0.5, 1.0), "portal": (0.92, 0.55), "delayed": (0.15, 0.7)}
+    # body-tissue texture -> (amplitude, coarse grid) of an extra smooth-noise field: from smooth to blotchy
+    TEXTURES = ((0.0, 4), (0.1, 5), (0.1, 10), (0.1, 16))
 
     def __init__(self, n: int = 64, shape=(64, 64, 64), seed: int = 0, with_labels: bool = False):
         self.n, self.shape, self.seed, self.with_labels = int(n), tuple(int(s) for s in shape), int(seed), with_labels
@@ -586,12 +591,18 @@ class SyntheticVolumes(torch.utils.data.Dataset):
         def u(a, b, k=1):  # uniform draws from this volume's generator
             return a + (b - a) * torch.rand(k, generator=g)
 
-        phase = int(torch.randint(len(self.PHASE_LEVELS), (1,), generator=_generator(self.seed, 0xFA5E, i)))
+        g_latent = _generator(self.seed, 0xFA5E, i)  # the latent draws have their own stream
+        phase = int(torch.randint(len(self.PHASE_LEVELS), (1,), generator=g_latent))
+        texture = int(torch.randint(len(self.TEXTURES), (1,), generator=g_latent))
         liver_level, kidney_level = list(self.PHASE_LEVELS.values())[phase]
         img = torch.zeros(self.shape)
         label = torch.zeros(self.shape, dtype=torch.int64)
         body_box, body = self._ellipsoid(g, u(-0.05, 0.05, 3), u(0.75, 0.95, 3), rotate=False)
-        img[body_box] = body * (0.3 + 0.05 * self._smooth_noise(g, 4, body.shape))
+        amp, coarse = self.TEXTURES[texture]
+        tissue = 0.3 + 0.05 * self._smooth_noise(g, 4, body.shape)
+        if amp:
+            tissue = tissue + amp * self._smooth_noise(g_latent, coarse, body.shape)
+        img[body_box] = body * tissue.clamp_min(0.05)
 
         def paint(cls, center, radii, level, texture, rotate=True):
             """Blend one organ into img (partial volume at the soft edge) and claim its voxels in label."""
@@ -625,7 +636,7 @@ class SyntheticVolumes(torch.utils.data.Dataset):
         img = img + inside * u(0.005, 0.03) * torch.randn(self.shape, generator=g)
         img = torch.where(inside, img.clamp_min(0.01), 0) ** u(0.7, 1.4)  # tissue stays above air; random gamma
         out = {"image": torch.from_numpy(normalize_percentile(img.numpy()))[None], "label_cls": label_cls,
-               "phase": phase, "spacing": torch.ones(3, dtype=torch.float64)}
+               "phase": phase, "texture": texture, "spacing": torch.ones(3, dtype=torch.float64)}
         if self.with_labels:
             out["label"] = label
         return out

@@ -292,13 +292,10 @@ def collapse_monitors(teacher_cls, teacher_logits, dino_targets, student_cls, ib
     dino_kl, ibot_kl      loss - target entropy = KL(teacher || student): ~0 when the student only copies a
                           (possibly uninformative) target; stays > 0 while there is something left to learn
     """
-    E = teacher_cls.shape[-1]
     out = {"dino_target_entropy": float(_row_entropy(dino_targets).mean()),
            "dino_marginal_entropy": float(_row_entropy(dino_targets.float().mean(0))),
            "teacher_cls_std": float(torch.nn.functional.normalize(teacher_cls.float(), dim=-1).std(0).mean()),
-           "cls_effective_rank": effective_rank(student_cls),
-           "cls_std_x_sqrt_dim": float(torch.nn.functional.normalize(student_cls.float(), dim=-1).std(0).mean())
-           * math.sqrt(E)}
+           "cls_effective_rank": effective_rank(student_cls)}
     if teacher_temp:
         out["teacher_logit_spread"] = float(teacher_logits.float().std(0).mean()) / teacher_temp
     if dino_loss is not None:

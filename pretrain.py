@@ -4,7 +4,7 @@ pretrain.py — 3DINO self-supervised pretraining (DINOv2 on 3D volumes): one sc
 The defaults are the paper's standard run: ViT-L/16, 2 x 96^3 global + 8 x 48^3 local crops, 125k iterations,
 global batch 512 (reference_spec.md §1, §4). Run it as
 
-    python pretrain.py configs/pretrain_demo.py                      # CPU demo: synthetic phantoms, a few minutes
+    python pretrain.py configs/pretrain_demo.py                      # CPU demo: synthetic phantoms, ~6 minutes
     python pretrain.py configs/pretrain_demo.py --max_iters=20 --out_dir=out/try   # any key, on the command line
     torchrun --standalone --nproc_per_node=8 pretrain.py configs/pretrain_vitl.py --data=cache/   # one node
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pretrain.py configs/pretrain_vitl.py
@@ -16,9 +16,12 @@ One step (paper Eq. 1-2, spec §4.1):
     loss = DINO(CLS, 18 crop pairs) + iBOT(masked patches) + 0.1 KoLeo(student CLS)
     AdamW step (layer-wise lr decay, clipped per sub-module), then teacher <- m teacher + (1 - m) student
 
-Outputs in out_dir: log.jsonl (config + git SHA first, then one JSON line per log step), ckpt.pt (resumable,
-every ckpt_interval steps and at the end, written atomically), teacher_backbone.pt (the teacher export that
-model.load_pretrained / finetune_seg.py / linear_probe.py / visualize.py read), and for the demo a PCA montage.
+Outputs in out_dir: log.jsonl (config + git SHA first, then one JSON line per log step, with the collapse monitors
+of metrics.collapse_monitors: a run stuck at the uniform or one-hot fixed point after warm-up is flagged there, in
+the progress bar, and once as a WARNING line), ckpt.pt (resumable, every ckpt_interval steps and at the end, written
+atomically), teacher_backbone.pt (the teacher export that model.load_pretrained / finetune_seg.py /
+linear_probe.py / visualize.py read), and for the demo a PCA montage and eval.json (evaluate.py: the teacher vs
+its random init on held-out labelled phantoms).
 """
 import json
 import math
@@ -440,7 +443,7 @@ t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
 MONITORS = ("dino_target_entropy", "dino_marginal_entropy", "ibot_target_entropy", "teacher_cls_std",
-            "teacher_logit_spread", "cls_effective_rank", "cls_std_x_sqrt_dim", "dino_kl", "ibot_kl",
+            "teacher_logit_spread", "cls_effective_rank", "dino_kl", "ibot_kl",
             "layerscale_gamma")
 # collapse warnings only once the lr has warmed up and the run has had a fifth of its steps to leave the start
 collapse_check_from, warned = max(warmup_iters, max_iters // 5), False
@@ -515,8 +518,9 @@ for it in range(start_step, max_iters):
         mon = metrics.collapse_monitors(
             monitor_in["teacher_cls"], monitor_in["teacher_logits"], monitor_in["dino_targets"], cls_g.detach(),
             ibot_t, v["masks_weight"], temp_now, dino_loss=terms["dino_loss"], ibot_loss=ibot, n_crops=len(cls_g))
-        mon["layerscale_gamma"] = float(torch.stack([b.ls1.gamma.abs().mean() + b.ls2.gamma.abs().mean()
-                                                     for b in raw_student.backbone.blocks]).mean() / 2)
+        gammas = [(b.ls1.gamma.detach().abs().mean() + b.ls2.gamma.detach().abs().mean()) / 2
+                  for b in raw_student.backbone.blocks]
+        mon["layerscale_gamma"] = float(torch.stack(gammas).mean())
         mon = {k: mon.get(k, float("nan")) for k in MONITORS}  # the same keys on every rank
         vals = torch.tensor([float(terms["dino_loss"]), float(terms["ibot_loss"]), float(terms["koleo_loss"])]
                             + list(mon.values()), dtype=torch.float64, device=device)

@@ -1,5 +1,6 @@
 # Pretraining on the unlabeled MSD hippocampus *training* images (labels never read), for the label-efficiency
-# experiment (experiments/label_efficiency.py). The demo ViT (configs/pretrain_demo.py) on real MRI crops.
+# experiment (experiments/label_efficiency.py). The demo's ViT and recipe (configs/pretrain_demo.py, whose comments
+# give the runs behind each departure from the paper's settings) on real MRI crops.
 # python data.py prepare --datalist <training images> --out out/label_efficiency/cache   (the experiment does this)
 out_dir = "out/label_efficiency/pretrain"
 data = "out/label_efficiency/cache"
@@ -9,18 +10,24 @@ num_heads = 3
 patch_size = 8
 global_crops_size = 48  # the hippocampus crops are ~35x50x35: 48^3 global views cover most of one
 local_crops_size = 24
+n_local_crops = 4
 min_axis_size = 16  # the smallest cases have a 24-voxel axis (the reference's strict > 24 would drop them)
-drop_path_rate = 0.1
-head_n_prototypes = 1024  # 140 volumes: a few hundred prototypes are plenty
+layerscale_init = 0.1
+drop_path_rate = 0.0
+head_n_prototypes = 256
 head_hidden_dim = 512
 head_bottleneck_dim = 128
+teacher_temp = 0.005
+warmup_teacher_temp = 0.005
+warmup_teacher_temp_iters = 0
+momentum_teacher = 0.9
 batch_size = 16
 max_iters = 300
-base_lr = 0.004  # x sqrt(16/1024) = 5e-4 peak
+base_lr = 0.008  # x sqrt(16/1024) = 1e-3 peak
+layerwise_decay = 1.0
+patch_embed_lr_mult = 1.0
 warmup_iters = 30
-warmup_teacher_temp_iters = 90
-freeze_last_layer_iters = 15
-momentum_teacher = 0.99
+freeze_last_layer_iters = 3
 log_interval = 10
 ckpt_interval = 100
 export_interval = 100
