@@ -143,6 +143,10 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if not os.path.isfile(a.ckpt):
         raise SystemExit(f"evaluate.py: {a.ckpt}: no such file")
+    try:
+        model.vit_from_checkpoint(a.ckpt)
+    except Exception as e:  # not a checkpoint, or not a ViT's: say so before any work, without a traceback
+        raise SystemExit(f"evaluate.py: {a.ckpt}: not a ViT checkpoint this repository can read ({type(e).__name__})")
     res = run(a.ckpt, a.out or os.path.join(os.path.dirname(a.ckpt) or ".", "eval.json"), a.n_train, a.n_test,
               a.size, a.data_seed)
     print(summary_line(res))

@@ -32,7 +32,8 @@ of them with any config: of a config's `head_kwargs`, the options the chosen hea
 are dropped with a one-line note naming them; an option no head takes is an error (`head_options`).
 The "random init" baseline: `--pretrained=CKPT --random_init=True` builds CKPT's architecture and initialises it as
 pretrain.py does its student (same class, init scheme and LayerScale init, seeded by `seed`), so pretrained and
-random arms differ in the backbone weights only — the head even starts from the same weights (`model.random_init_like`).
+random arms differ in the backbone weights only — the head even starts from the same weights
+(`model.random_init_like`).
 
 Differences from the reference, on purpose (spec §9 #13): the label fraction is a seeded shuffle (the reference
 takes the first N cases); background is excluded from every reported Dice; HD95 is computed; bf16 autocast on GPU.

@@ -325,12 +325,13 @@ def collapse_state(rec: dict, n_prototypes: int) -> str | None:
     return None
 
 
-COLLAPSE_ADVICE = {
+COLLAPSE_ADVICE = {  # the knobs in the order they mattered in experiments/README.md's runs
     "uniform": ("the teacher's DINO targets are uniform: they carry no image information and the DINO loss sits "
-                "at ln K. Knobs, most effective first: layerscale_init (0.1 for < 18 blocks), a faster teacher "
-                "(momentum_teacher so that sum(1 - m) >= 5 over the run), more steps / higher base_lr, "
-                "fewer prototypes (head_n_prototypes), a lower warmup_teacher_temp"),
+                "at ln K. Try, most effective first: a much lower, constant teacher temperature "
+                "(warmup_teacher_temp = teacher_temp = 0.005-0.01 with Sinkhorn-Knopp); check that views of one "
+                "volume share something (experiments/data_check.py); layerscale_init 0.1 (< 18 blocks); "
+                "a fast teacher (momentum_teacher 0.9); head_n_prototypes of a few hundred; more steps"),
     "one-hot": ("one prototype takes the whole batch (constant, one-hot targets): the features no longer depend "
-                "on the image. Knobs: centering='sinkhorn_knopp', a higher teacher_temp, a lower base_lr, "
-                "a slower teacher (momentum_teacher closer to 1)"),
+                "on the image. Try centering='sinkhorn_knopp' (its equal-share constraint excludes this), or a "
+                "higher teacher_temp"),
 }

@@ -49,12 +49,15 @@ vit = model.vit_from_checkpoint(a.ckpt) if a.ckpt else model.ViT3D(img_size=48, 
 vit.eval()
 with torch.no_grad():
     o0, o1 = vit.forward_features(x0), vit.forward_features(x1)
+pool = lambda x: F.adaptive_avg_pool3d(x, 4).flatten(1)  # noqa: E731
+descriptors = {"raw views pooled to 4^3": (pool(x0), pool(x1)),
+               "ViT CLS": (o0["x_norm_clstoken"], o1["x_norm_clstoken"]),
+               "ViT mean patch token": (o0["x_norm_patchtokens"].mean(1), o1["x_norm_patchtokens"].mean(1))}
 print(f"view retrieval top-1 over {a.n} volumes (chance {1 / a.n:.3f}):")
-print(f"  raw views pooled to 4^3   {retrieval(F.adaptive_avg_pool3d(x0, 4).flatten(1), F.adaptive_avg_pool3d(x1, 4).flatten(1)):.3f}")
-print(f"  ViT CLS                   {retrieval(o0['x_norm_clstoken'], o1['x_norm_clstoken']):.3f}")
-print(f"  ViT mean patch token      {retrieval(o0['x_norm_patchtokens'].mean(1), o1['x_norm_patchtokens'].mean(1)):.3f}")
-if ds.kind == "dataset" and hasattr(ds.volumes, "PHASE_LEVELS"):  # phantoms: is the nearest other volume's view of the same phase?
-    phase = torch.tensor([ds.volumes[int(i)]["phase"] for i in batch["index"]])
+for name, (f0, f1) in descriptors.items():
+    print(f"  {name:<26}{retrieval(f0, f1):.3f}")
+if ds.kind == "dataset" and hasattr(ds.volumes, "PHASE_LEVELS"):  # phantoms: is the nearest other volume's view
+    phase = torch.tensor([ds.volumes[int(i)]["phase"] for i in batch["index"]])  # of the same contrast phase?
 
     def same_phase(f0, f1):
         f0, f1 = F.normalize(f0 - f0.mean(0), dim=-1), F.normalize(f1 - f1.mean(0), dim=-1)
@@ -64,6 +67,5 @@ if ds.kind == "dataset" and hasattr(ds.volumes, "PHASE_LEVELS"):  # phantoms: is
 
     chance = float(sum((phase == k).float().mean() ** 2 for k in phase.unique()))
     print(f"nearest other volume of the same contrast phase (chance {chance:.3f}):")
-    print(f"  raw views pooled to 4^3   {same_phase(F.adaptive_avg_pool3d(x0, 4).flatten(1), F.adaptive_avg_pool3d(x1, 4).flatten(1)):.3f}")
-    print(f"  ViT CLS                   {same_phase(o0['x_norm_clstoken'], o1['x_norm_clstoken']):.3f}")
-    print(f"  ViT mean patch token      {same_phase(o0['x_norm_patchtokens'].mean(1), o1['x_norm_patchtokens'].mean(1)):.3f}")
+    for name, (f0, f1) in descriptors.items():
+        print(f"  {name:<26}{same_phase(f0, f1):.3f}")
