@@ -253,9 +253,11 @@ def test_short_run_learns_and_writes_results(tmp_path):
     freq = np.mean([[np.mean(lab == c) for c in (1, 2, 3)] for lab in labels], 0)
     chance = float(freq.mean())
     assert chance < 0.03  # ~0.016: liver 4%, kidneys 0.5%, lesions 0.03% of the voxels
-    # 40 steps learn the liver (Dice ~0.95, while chance for it is 0.04); kidneys and lesions need longer runs
-    assert res["test_dice_per_class"][0] > 0.7
-    assert res["test_dice_mean"] > max(10 * chance, 0.2), (res["test_dice_mean"], chance)  # measured: 0.32
+    # 40 steps learn the liver (Dice 0.39 measured, while chance for it is 0.04; 0.95 before the phantoms had a
+    # contrast phase that decides whether the liver is brighter or darker than the body); kidneys and lesions need
+    # longer runs
+    assert res["test_dice_per_class"][0] > 0.2
+    assert res["test_dice_mean"] > 5 * chance, (res["test_dice_mean"], chance)  # measured: 0.17 (0.32 before phases)
 
     # predictions: NIfTI on the input's grid, with its affine, and they agree with the label file voxel by voxel
     for t, lab, row in zip(test, labels, res["test_cases"]):
