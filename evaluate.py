@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,7 +104,6 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
     rand = model.random_init_like(obj, seed)  # the pretraining's step-0 backbone
     n_classes = data.SyntheticVolumes.num_classes
     train, test = phantoms(n_train, size, data_seed), phantoms(n_test, size, data_seed + 1)
-    torch.manual_seed(0)
     pre, pre_cls = evaluate_backbone(vit, train, test, n_classes, seed=0)
     ran, ran_cls = evaluate_backbone(rand, train, test, n_classes, seed=0)
     diff = pre - ran
@@ -116,10 +116,7 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
            "n_train": n_train, "n_test": n_test, "size": size, "data_seed": data_seed, "init_seed": seed,
            "checkpoint": ckpt, "seconds": round(time.perf_counter() - t0, 1)}
     if out:
-        tmp = out + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, out)
+        data._atomic_write(Path(out), lambda f: f.write(json.dumps(res, indent=1).encode()))
     return res
 
 
