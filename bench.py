@@ -3,6 +3,7 @@ bench.py — speed and memory, measured side by side in one run (never asserted 
 
     python bench.py augment [--image PATH] [--threads N] [--device cpu|cuda]
     python bench.py msda    [--device cuda] [--batch 1]
+    python bench.py msda --compile-only   [--arch 80 90] [--dtypes float32 bfloat16 float16]   (no GPU needed)
     python bench.py step    [--config configs/pretrain_demo.py] [--device cpu|cuda] [--iters 5]
 
 Every subcommand prints a human-readable table and ends with ONE line holding a JSON object, so runs can be
@@ -159,7 +160,13 @@ def bench_msda(args, rest):
 
     p = argparse.ArgumentParser(prog="bench.py msda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--compile-only", action="store_true",
+                   help="no GPU needed: build every kernel launch for real GPUs and report registers/spills/smem")
+    p.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="--compile-only targets (sm_XX)")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16", "float16"], help="--compile-only dtypes")
     opt = p.parse_args(rest)
+    if opt.compile_only:
+        return compile_msda(opt.arch, opt.dtypes)
     dev, dtype, B = args.device, getattr(torch, opt.dtype), args.batch or 1
     iters = args.iters or (20 if dev.startswith("cuda") else 3)
     nH, Dh, P = 8, 32, 4
@@ -198,10 +205,7 @@ def bench_msda(args, rest):
         torch.cuda.synchronize()
         return round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
 
-    cases = {
-        "injector": ([(7, 7, 7)], [(28, 28, 28), (14, 14, 14), (7, 7, 7)]),
-        "extractor": ([(28, 28, 28), (14, 14, 14), (7, 7, 7)], [(7, 7, 7)]),
-    }
+    cases = MSDA_CASES
     result = {"batch": B, "dtype": opt.dtype, "nH": nH, "Dh": Dh, "P": P}
     print(f"MSDA on {dev}, batch {B}, {opt.dtype}, nH={nH} Dh={Dh} P={P}" + (f"  [{note}]" if note else ""))
     print(f"{'case':10s} {'Q':>6s} {'S':>6s} {'backend':8s} {'fwd ms':>9s} {'fwd+bwd ms':>11s} {'peak MB':>8s}")
@@ -229,6 +233,52 @@ def bench_msda(args, rest):
     if note:
         result["note"] = note
     return result
+
+MSDA_CASES = {  # the 3D ViT-Adapter at ViT-L/16 on 112^3 inputs: (query grids, value grids); nH=8, Dh=32, P=4
+    "injector": ([(7, 7, 7)], [(28, 28, 28), (14, 14, 14), (7, 7, 7)]),
+    "extractor": ([(28, 28, 28), (14, 14, 14), (7, 7, 7)], [(7, 7, 7)]),
+}
+
+
+def compile_msda(archs, dtypes):
+    """Ahead-of-time builds of every kernel launch msda's forward and backward make at the adapter's shapes, for
+    each target and input dtype, on a machine without a GPU (msda_triton.planned_launches / compile_launch).
+    Launches that build the same binary (same kernel, dtypes, block sizes, hints) are compiled once."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("bench.py msda --compile-only: unset TRITON_INTERPRET (the interpreter does not compile)")
+    import msda_triton
+
+    if not msda_triton.HAS_TRITON:
+        raise SystemExit(f"bench.py msda --compile-only needs triton ({msda_triton._TRITON_ERROR})")
+    rows, seen = [], {}
+    print(f"{'kernel':30s} {'arch':6s} {'dtype':9s} {'cases':19s} {'regs':>5s} {'spills':>7s} {'smem B':>7s}  meta")
+    for arch in archs:
+        for dt in dtypes:
+            for case, (qs, vs) in MSDA_CASES.items():
+                launches = msda_triton.planned_launches(qs, vs, 8, 32, 4, getattr(torch, dt), msda_triton.GPU_SMS[arch])
+                for kernel, grid, args, meta in launches:
+                    spec = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0) for a in args)
+                    key = (kernel.__name__, arch, dt, spec, tuple(sorted((k, str(v)) for k, v in meta.items())))
+                    if key in seen:
+                        seen[key]["cases"].append(case)
+                        continue
+                    r = msda_triton.compile_launch(kernel, args, meta, arch)
+                    row = {"name": kernel.__name__, "arch": f"sm_{arch}", "dtype": dt, "cases": [case], **r,
+                           "meta": {k: (v if isinstance(v, int) else str(v)) for k, v in meta.items()}}
+                    seen[key] = row
+                    rows.append(row)
+    for r in rows:
+        meta = " ".join(f"{k}={v}" for k, v in r["meta"].items() if k != "ACC")
+        res = f"{r['regs']:5d} {r['spills']:7d} {r['shared_bytes']:7d}" if r["ok"] else f"FAILED: {r['error']}"
+        print(f"{r['name']:30s} {r['arch']:6s} {r['dtype']:9s} {','.join(r['cases']):19s} {res}  {meta}")
+    ok = all(r["ok"] for r in rows)
+    spills = sum(r["spills"] or 0 for r in rows)
+    print(f"{len(rows)} builds: {'all ok' if ok else 'FAILURES'}, {spills} bytes of spills in total")
+    return {"kernels": [{k: r[k] for k in ("name", "arch", "dtype", "ok", "regs", "spills", "shared_bytes",
+                                          "cases", "meta", "error")} for r in rows]}
+
 
 def bench_step(args, rest):
     """Step time and samples/s of the real training script: runs `pretrain.py <config>` for warm-up + timed

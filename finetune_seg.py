@@ -36,7 +36,8 @@ random arms differ in the backbone weights only — the head even starts from th
 (`model.random_init_like`).
 
 Differences from the reference, on purpose (spec §9 #13): the label fraction is a seeded shuffle (the reference
-takes the first N cases); background is excluded from every reported Dice; HD95 is computed; bf16 autocast on GPU.
+takes the first N cases); background is excluded from every reported Dice; HD95 is computed; bf16 autocast on GPU
+(`--dtype=bfloat16` runs it on CPU too).
 
 Why the script body sits under `if __name__ == "__main__":` (unlike pretrain.py): tests/test_finetune_seg.py
 imports the reusable pieces above it — sliding-window inference, the Dice losses, case preparation, the backbone
@@ -415,7 +416,7 @@ if __name__ == "__main__":
     sw_batch_size = 2  # windows per forward pass
     # system
     device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
-    dtype = "bfloat16"  # autocast dtype on CUDA ("bfloat16", "float16" or "float32"); CPU always runs float32
+    dtype = "auto"  # autocast dtype: "bfloat16", "float16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
     # -----------------------------------------------------------------------------
     from configurator import configure
 
@@ -447,9 +448,12 @@ if __name__ == "__main__":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     master_process = rank == 0
     device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    if dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
     ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    use_amp = device_type == "cuda" and dtype != "float32"
-    autocast = torch.autocast(device_type, dtype=ptdtype) if use_amp else nullcontext()
+    autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
     torch.manual_seed(seed + rank)
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
@@ -531,7 +535,7 @@ if __name__ == "__main__":
     # optimizer and schedule
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=learning_rate,
                                   betas=adamw_betas, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(device_type, enabled=device_type == "cuda" and dtype == "float16")  # fp16 only
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 only
 
     def get_lr(it):
         """Linear warm-up to learning_rate over warmup_iters, then ½(1 + cos(π·progress)) down to 0 at max_iters."""

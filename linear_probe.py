@@ -94,7 +94,7 @@ random_init = False  # with pretrained: build its architecture but keep random w
 arch = "vit_large"  # used when pretrained is None: vit_tiny / vit_small / vit_base / vit_large / vit_giant
 patch_size = 16
 feature_batch = 8  # volumes per backbone forward pass
-dtype = "float16"  # backbone autocast on CUDA (reference: fp16); CPU always float32
+dtype = "auto"  # backbone autocast: "float16" (the reference), "bfloat16", "float32"; auto: fp16 on CUDA, fp32 on CPU
 # classifiers and optimisation
 lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)  # each x batch_size / 256
 batch_size = 32
@@ -126,7 +126,11 @@ t_start = time.time()
 # -----------------------------------------------------------------------------
 # device
 torch.manual_seed(seed)
-autocast = (torch.autocast("cuda", dtype=getattr(torch, dtype)) if device.startswith("cuda") else nullcontext())
+if dtype == "auto":
+    dtype = "float16" if device.startswith("cuda") else "float32"
+if dtype not in ("float16", "bfloat16", "float32"):
+    raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {dtype!r}")
+autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 
 # -----------------------------------------------------------------------------
 # data: one list of cases with int labels, the splits of every run, all checked before any backbone work

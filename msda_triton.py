@@ -47,6 +47,10 @@ except ImportError as e:  # pragma: no cover - exercised on macOS/Windows
 # Injector 28^3 level: 343*4*8/21,952 ~ 0.5 -> plain atomics. Tests lower/raise these to force each path.
 DENSE_MIN_HITS = 64  # mean contributions per voxel above which atomics contend enough to pay for the dense path
 DENSE_MAX_VOXELS = 4096  # the dense path costs O(Q * voxels * P * 8) compares; beyond this atomics are cheaper
+# Warps per program. Compiled for sm_80/sm_90 at the adapter's shapes (`python bench.py msda --compile-only`), the
+# backward kernels at 4 warps spilled (bwd: 16-24 B on sm_80 at 255 registers; dense: 100 B on sm_90 in bf16/fp16);
+# at 8 warps the same tiles fit with no spill anywhere. Not yet timed on a GPU.
+FWD_NUM_WARPS, BWD_NUM_WARPS = 4, 8
 
 
 # ============ reference: pure PyTorch (what CPU runs use) ============
@@ -116,8 +120,8 @@ def msda_reference(
 #     grad_value[v, :] += M^T @ g with tl.dot. The whole query slice is reduced in registers; each address then
 #     receives one atomic per slice instead of ~2,300 (slices are sized for ~4 programs per SM: 11 slices for
 #     the extractor at batch 1 on a 132-SM H100). It costs O(Q * voxels * P * 8) compare/selects, which is why
-#     it is reserved for small levels (DENSE_MAX_VOXELS). Thresholds and block sizes are first guesses: this
-#     file was written without a GPU, so `python bench.py msda` on one is the next step.
+#     it is reserved for small levels (DENSE_MAX_VOXELS). Thresholds and block sizes compile without spills but
+#     are untimed: this file was written without a GPU, so `python bench.py msda` on one is the next step.
 # Sorting the (voxel, contribution) pairs would also remove contention but needs a global sort and a
 # materialised (Q*P*8, Dh) buffer — exactly the memory this file exists to avoid.
 
@@ -324,8 +328,12 @@ def _pow2(n, lo=1):
 
 def _block_q(Q, Dh):
     # the (BLOCK_Q, 8, BLOCK_D) corner gather should stay in registers: <= 4096 elements, 32 per thread at
-    # 4 warps (BLOCK_Q = 16 at Dh = 32). A first guess, not tuned on hardware yet.
+    # 4 warps (BLOCK_Q = 16 at Dh = 32); no spills at the adapter's shapes (see FWD/BWD_NUM_WARPS), not timed.
     return max(1, min(4096 // (8 * _pow2(Dh)), _pow2(Q)))
+
+
+def _sm_count(dev) -> int:
+    return torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
 
 
 def _msda_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -340,7 +348,7 @@ def _msda_forward(value, spatial_shapes, level_start_index, sampling_locations, 
     _msda_fwd_kernel[(B, triton.cdiv(Q, BLOCK_Q), nH)](
         value, shapes_t, starts_t, sampling_locations, attention_weights, out,
         S, Q, nH, Dh, L, P,
-        ACC=_acc_dtype(value)[0], BLOCK_Q=BLOCK_Q, BLOCK_D=_pow2(Dh),
+        ACC=_acc_dtype(value)[0], BLOCK_Q=BLOCK_Q, BLOCK_D=_pow2(Dh), num_warps=FWD_NUM_WARPS,
     )
     return out.view(B, Q, nH * Dh), (shapes, starts, shapes_t, starts_t)
 
@@ -366,18 +374,18 @@ def _msda_backward(
         value, shapes_t, starts_t, mode_t, sampling_locations, attention_weights, grad_out,
         grad_value, grad_loc, grad_attn,
         S, Q, nH, Dh, L, P,
-        ACC=acc_tl, BLOCK_Q=BLOCK_Q, BLOCK_D=_pow2(Dh),
+        ACC=acc_tl, BLOCK_Q=BLOCK_Q, BLOCK_D=_pow2(Dh), num_warps=BWD_NUM_WARPS,
     )
     # dense levels: split the queries so the grid fills the GPU (~4 programs per SM); each split adds its
     # register-reduced tile once. On CPU (interpreter) two splits keep that atomic path under test.
-    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 0
+    n_sm = _sm_count(dev)
     BQ, BV = 16, 64  # (BQ, 8, BV) one-hot compares stay in registers
     for l, ((H, W, D), start) in enumerate(zip(shapes, starts)):
         if not dense[l]:
             continue
         n_v = triton.cdiv(H * W * D, BV)
         n_qblocks = triton.cdiv(Q, BQ)
-        if dev.type == "cuda":
+        if n_sm:
             n_split = max(1, min(n_qblocks, triton.cdiv(4 * n_sm, B * nH * n_v)))
         else:
             n_split = min(n_qblocks, 2)
@@ -387,7 +395,7 @@ def _msda_backward(
             l, H, W, D, start,
             S, Q, nH, Dh, L, P,
             q_per_split,
-            ACC=acc_tl, BLOCK_Q=BQ, BLOCK_V=BV, BLOCK_D=_pow2(Dh, 16),
+            ACC=acc_tl, BLOCK_Q=BQ, BLOCK_V=BV, BLOCK_D=_pow2(Dh, 16), num_warps=BWD_NUM_WARPS,
         )
     return grad_value, grad_loc, grad_attn
 
@@ -447,6 +455,86 @@ def msda(
     if not value.is_cuda and type(_msda_fwd_kernel).__name__ != "InterpretedFunction":  # compiled, not interpreted
         raise RuntimeError("msda: backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before the import")
     return MSDAFunction.apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+# ============ ahead-of-time builds for real GPUs (no GPU needed) ============
+# The interpreter checks a kernel's arithmetic, not whether it compiles for a GPU (tl.dot shape rules, dtype
+# promotion, registers). These helpers record the launches the wrappers above would make at given shapes (meta
+# tensors: nothing is computed), then compile each one for a real target with Triton's own compiler and run the
+# wheel's ptxas on the PTX for its resource report. `python bench.py msda --compile-only` prints the table.
+
+GPU_SMS = {80: 108, 90: 132}  # SM counts of an A100 (sm_80) and an H100 SXM (sm_90): the dense split's grid
+
+
+class _Recorder:
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.launches.append((self.kernel, grid, args, meta))
+
+
+def planned_launches(query_shapes, value_shapes, nH: int, Dh: int, P: int, dtype, n_sm: int, B: int = 1) -> list:
+    """[(kernel, grid, args, meta)] of msda's forward and backward (grad_value needed) at these shapes, as the
+    wrappers choose them (block sizes, splits, dtypes) on a GPU with n_sm SMs."""
+    spatial_shapes = torch.tensor(value_shapes)
+    sizes = spatial_shapes.prod(1)
+    starts = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    Q, S, L = sum(h * w * d for h, w, d in query_shapes), int(sizes.sum()), len(value_shapes)
+    meta_t = lambda *shape: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    value, loc, attn = meta_t(B, S, nH, Dh), meta_t(B, Q, nH, L, P, 3), meta_t(B, Q, nH, L, P)
+    g = globals()
+    names = ["_msda_fwd_kernel", "_msda_bwd_kernel", "_msda_bwd_value_dense_kernel", "_sm_count"]
+    saved = {n: g[n] for n in names}
+    recorders = [_Recorder(g[n]) for n in names[:3]]
+    try:
+        g.update(zip(names, recorders + [lambda dev: n_sm]))
+        _, meta = _msda_forward(value, spatial_shapes, starts, loc, attn)
+        _msda_backward(meta_t(B, Q, nH, Dh), value, loc, attn, *meta, need_value=True)
+    finally:
+        g.update(saved)
+    return [launch for r in recorders for launch in r.launches]
+
+
+def compile_launch(kernel, args, meta, arch: int) -> dict:
+    """Compile one recorded launch for sm_<arch> exactly as the JIT would specialise it (its own rule: 16-byte
+    aligned pointers and ints divisible by 16 get a divisibility hint, ints equal to 1 become constants) ->
+    {ok, regs, spills, shared_bytes, error}. regs and spills are ptxas -v's report on the same PTX."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import native_specialize_impl
+
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    options = {k: meta[k] for k in ("num_warps", "num_stages") if k in meta}
+    constexprs = {k: v for k, v in meta.items() if k not in options}
+    signature, attrs = {}, {}
+    for i, (name, a) in enumerate(zip(kernel.arg_names, args)):
+        ty, attr = native_specialize_impl(type(backend), a, False, True, True)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = attr
+        elif attr:
+            attrs[(i,)] = backend.parse_attr(attr)
+    signature.update({k: "constexpr" for k in constexprs})
+    try:
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
+    except Exception as e:  # a kernel that cannot build for this GPU: report, do not stop the table
+        return {"ok": False, "regs": None, "spills": None, "shared_bytes": None, "error": str(e).splitlines()[0]}
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = f"{tmp}/k.ptx"
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}", ptx,
+                              "-o", f"{tmp}/k.cubin"], capture_output=True, text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", log))
+    return {"ok": True, "regs": regs, "spills": spills, "shared_bytes": compiled.metadata.shared, "error": None}
 
 
 # ============ parity self-check ============

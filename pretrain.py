@@ -113,7 +113,8 @@ freeze_last_layer_iters = 1250  # the heads' last layer gets lr 0 for the first 
 adamw_betas = (0.9, 0.999)
 # system
 device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
-dtype = "bfloat16"  # autocast dtype on CUDA: "bfloat16" or "float32" (CPU always runs float32)
+dtype = "auto"  # autocast dtype: "bfloat16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU (CPU bf16
+#                 autocast works too: slower on most CPUs, but it runs the mixed-precision path without a GPU)
 compile = False  # torch.compile every transformer block of the student and teacher backbones
 # -----------------------------------------------------------------------------
 from configurator import configure  # noqa: E402
@@ -142,11 +143,13 @@ micro_batch = batch_size // (world_size * grad_accum_steps)  # images per rank p
 augment.keep_freed_memory()  # glibc: reuse freed multi-MB blocks (no page faults per step; see augment.py)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
 if dtype not in ("bfloat16", "float32"):
     # fp16 would need loss scaling (the reference's GradScaler); bf16 has fp32's range and needs none
     raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
 ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-autocast = torch.autocast(device_type, dtype=ptdtype) if device_type == "cuda" and dtype != "float32" else nullcontext()
+autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     print(json.dumps(config, indent=1))

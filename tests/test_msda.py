@@ -4,8 +4,14 @@ On CPU the kernels run through the Triton interpreter (tests/conftest.py sets TR
 module imports triton), which is slow: shapes are tiny but keep every awkward case — several non-cubic levels,
 P, nH, Dh that are not powers of two, points on borders and outside the volume, both grad_value strategies.
 """
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import ROOT
 
 import msda_triton
 from msda_triton import msda, msda_reference
@@ -197,3 +203,22 @@ def test_dispatcher(monkeypatch):
     with pytest.raises(RuntimeError, match="not importable"):
         msda(*inputs, backend="triton")
     torch.testing.assert_close(msda(*inputs), out, rtol=0, atol=0)
+
+
+@needs_triton
+def test_every_kernel_compiles_for_sm90_without_spills():
+    """The interpreter checks arithmetic only. Build every launch the wrappers make at the ViT-Adapter's real
+    shapes (injector and extractor, fp32/bf16/fp16) for an H100 with Triton's own compiler — no GPU needed — so a
+    kernel that could not run on a GPU, or that spills registers at its chosen block sizes, fails CI."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    res = subprocess.run([sys.executable, "bench.py", "msda", "--compile-only", "--arch", "90"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    builds = json.loads(res.stdout.strip().splitlines()[-1])["kernels"]
+    names = {b["name"] for b in builds}
+    assert names == {"_msda_fwd_kernel", "_msda_bwd_kernel", "_msda_bwd_value_dense_kernel"}
+    assert {b["dtype"] for b in builds} == {"float32", "bfloat16", "float16"}
+    for b in builds:
+        assert b["ok"], b
+        assert b["arch"] == "sm_90" and 0 < b["regs"] <= 255, b
+        assert b["spills"] == 0, f"{b['name']} ({b['dtype']}) spills {b['spills']} bytes at {b['meta']}"
