@@ -543,38 +543,42 @@ def _plan_gibbs(n, p, g, alpha_range=(0.0, 1.0), apply=None):
     return fn, {"apply": _coin(n, p, g) if apply is None else apply, "alpha": _uniform(n, *alpha_range, g)}
 
 
-def gamma_contrast(x: torch.Tensor, p: float, g: torch.Generator, gamma_range=(0.5, 2.0)) -> torch.Tensor:
+# The per-transform wrappers below: x (B, C, H, W, D); each sample applies with probability p, or where the
+# optional `apply` (B,) bool says so instead (how OneOf's choice, `one_of_choice`, reaches them).
+
+
+def gamma_contrast(x: torch.Tensor, p: float, g: torch.Generator, gamma_range=(0.5, 2.0), apply=None) -> torch.Tensor:
     """RandAdjustContrast: γ ~ U(γ0, γ1) per sample, y = `adjust_contrast`(x, γ) with probability p."""
-    return _run_plan(x.clone(), [_plan_gamma(x.shape[0], p, g, gamma_range)])
+    return _run_plan(x.clone(), [_plan_gamma(x.shape[0], p, g, gamma_range, apply)])
 
 
-def gaussian_noise(x: torch.Tensor, p: float, g: torch.Generator, std=0.002) -> torch.Tensor:
+def gaussian_noise(x: torch.Tensor, p: float, g: torch.Generator, std=0.002, apply=None) -> torch.Tensor:
     """RandGaussianNoise: σ ~ U(0, std) per sample, y = x + σ·ε with ε ~ N(0, 1) per voxel (float32)."""
-    return _run_plan(x.clone(), [_plan_noise(x.shape[0], p, g, std)])
+    return _run_plan(x.clone(), [_plan_noise(x.shape[0], p, g, std, apply)])
 
 
-def histogram_shift(x: torch.Tensor, p: float, g: torch.Generator, num_control_points=10) -> torch.Tensor:
+def histogram_shift(x: torch.Tensor, p: float, g: torch.Generator, num_control_points=10, apply=None) -> torch.Tensor:
     """RandHistogramShift: a random monotone piecewise-linear intensity curve per sample (`histogram_map`).
     Floating points f_0 = 0, f_{K−1} = 1, f_i ~ U(f_{i−1}, (i+1)/(K−1)) for i = 1..K−2 in order."""
-    return _run_plan(x.clone(), [_plan_histogram(x.shape[0], p, g, num_control_points)])
+    return _run_plan(x.clone(), [_plan_histogram(x.shape[0], p, g, num_control_points, apply)])
 
 
-def gaussian_smooth(x: torch.Tensor, p: float, g: torch.Generator, sigma_range=(0.25, 1.5)) -> torch.Tensor:
+def gaussian_smooth(x: torch.Tensor, p: float, g: torch.Generator, sigma_range=(0.25, 1.5), apply=None) -> torch.Tensor:
     """RandGaussianSmooth: σ per axis ~ U(0.25, 1.5) independently per sample, y = G_σ(x) (`gaussian_filter`)."""
-    return _run_plan(x.clone(), [_plan_smooth(x.shape[0], p, g, sigma_range)])
+    return _run_plan(x.clone(), [_plan_smooth(x.shape[0], p, g, sigma_range, apply)])
 
 
 def gaussian_sharpen(x: torch.Tensor, p: float, g: torch.Generator, sigma1_range=(0.5, 1.0), sigma2_min=0.5,
-                     alpha_range=(10.0, 30.0)) -> torch.Tensor:
+                     alpha_range=(10.0, 30.0), apply=None) -> torch.Tensor:
     """RandGaussianSharpen (unsharp masking): per sample and axis σ1 ~ U(0.5, 1), σ2 ~ U(0.5, σ1); α ~ U(10, 30);
     y = `sharpen_filter`(x, σ1, σ2, α) = b1 + α·(b1 − b2)."""
-    return _run_plan(x.clone(), [_plan_sharpen(x.shape[0], p, g, sigma1_range, sigma2_min, alpha_range)])
+    return _run_plan(x.clone(), [_plan_sharpen(x.shape[0], p, g, sigma1_range, sigma2_min, alpha_range, apply)])
 
 
-def gibbs_noise(x: torch.Tensor, p: float, g: torch.Generator, alpha_range=(0.0, 1.0)) -> torch.Tensor:
+def gibbs_noise(x: torch.Tensor, p: float, g: torch.Generator, alpha_range=(0.0, 1.0), apply=None) -> torch.Tensor:
     """RandGibbsNoise: α ~ U(0, 1) per sample; y = `gibbs_filter`(x, α) (k-space truncation ringing; DINOv2's
     solarisation slot)."""
-    return _run_plan(x.clone(), [_plan_gibbs(x.shape[0], p, g, alpha_range)])
+    return _run_plan(x.clone(), [_plan_gibbs(x.shape[0], p, g, alpha_range, apply)])
 
 
 def one_of_choice(n: int, n_options: int, p: float, g: torch.Generator) -> torch.Tensor:

@@ -30,17 +30,63 @@ with these exceptions, chosen because they are what one means on a command line:
   config file the types are written explicitly, so `dtype = 16` there is an error;
 - a bool key takes True/False only, never 0/1 (an int there is far more often a mistake than a wish).
 Every problem raises `ConfigError` (a ValueError) that names the key, and the file if there is one.
+`-h` / `--help` lists the keys with their defaults and comments and exits. Once `configure` has run, an input
+error (an exception class with `input_error = True`: ConfigError, data.VolumeError) ends the script with its
+message alone and exit code 1; a traceback is printed only for what is a bug.
 """
 
 import ast
 import difflib
 import os
+import re
+import sys
 
 _CONFIG_TYPES = (bool, int, float, str, type(None), tuple, list, dict)
 
 
 class ConfigError(ValueError):
-    """A bad command line or config file: unknown key, wrong type, missing file."""
+    """A bad command line or config file: unknown key, wrong type, missing file, a bad value."""
+
+    input_error = True  # printed without a traceback (see _excepthook)
+
+
+def _excepthook(kind, exc, tb, _default=sys.excepthook):
+    if getattr(kind, "input_error", False):
+        print(f"error: {exc}", file=sys.stderr)  # the message says what is wrong; a traceback would bury it
+    else:
+        _default(kind, exc, tb)
+
+
+def print_help(namespace: dict, defaults: dict) -> None:
+    """The script's docstring, then one line per key: name = default  # the comment on its line in the script."""
+    source = open(namespace["__file__"]).read() if namespace.get("__file__") else ""
+    doc = (namespace.get("__doc__") or "").strip()
+    if doc:
+        print(doc.split("\n\n")[0] + "\n")
+    print("config keys (set with --key=value, or in a config file of plain assignments):")
+    for key, value in defaults.items():
+        m = re.search(rf"^\s*{re.escape(key)}\s*=.*?#\s?(.*)$", source, re.M)
+        print(f"  {key} = {value!r}" + (f"  # {m.group(1)}" if m else ""))
+
+
+def check_out_dir(out_dir: str, resume: bool, overwrite: bool, run_files, ckpt: str) -> None:
+    """Refuse to write a run into a folder that already holds one, unless resuming or overwriting on purpose;
+    and a resume needs the checkpoint. Called before any work, so a mistake costs nothing."""
+    if resume:
+        if not os.path.exists(os.path.join(out_dir, ckpt)):
+            raise ConfigError(f"resume=True but there is no checkpoint {os.path.join(out_dir, ckpt)}")
+        return
+    found = [f for f in run_files if os.path.exists(os.path.join(out_dir, f))]
+    if found and not overwrite:
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(found)}): continue it with --resume=True, "
+                          f"replace it with --overwrite=True, or choose another --out_dir")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir {out_dir} exists and is not a folder")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(out_dir if os.path.isdir(out_dir) else parent, os.W_OK):
+        raise ConfigError(f"out_dir {out_dir} is not writable")
 
 
 def _unknown(key: str, known: dict, where: str = "") -> ConfigError:
@@ -75,6 +121,10 @@ def _coerce(key: str, default, value, where: str = ""):
 def configure(namespace: dict, argv: list[str]) -> dict:
     """Apply config files and `--key=value` items of `argv` to `namespace` in place; return {key: value}."""
     defaults = {k: v for k, v in namespace.items() if not k.startswith("_") and isinstance(v, _CONFIG_TYPES)}
+    if "-h" in argv or "--help" in argv:
+        print_help(namespace, defaults)
+        sys.exit(0)
+    sys.excepthook = _excepthook
 
     def apply(key, value, where=""):
         if key not in defaults:

@@ -52,6 +52,8 @@ SPLITS = ("training", "validation", "test")  # the finetuning datalist keys (ref
 class VolumeError(ValueError):
     """A volume that cannot be used. The message always starts with the file's path, so logs name the culprit."""
 
+    input_error = True  # a script that ran configurator.configure prints the message without a traceback
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading one file -> (C, H, W, D) float32, spacing (3,), affine (4, 4)
@@ -77,6 +79,18 @@ def _check_spacing(spacing, path) -> np.ndarray:
     if spacing.shape != (3,) or not np.isfinite(spacing).all() or (spacing <= 0).any():
         raise VolumeError(f"{path}: non-finite or non-positive voxel spacing {spacing.tolist()}")
     return spacing
+
+
+def _check_raw_pixdim(img, path, suffix) -> None:
+    """nibabel sets a zero pixdim to 1 on load (HD95 in mm would then be wrong without a word): read the header
+    as written and refuse a zero or non-finite voxel size (a negative one nibabel reads as its absolute value)."""
+    if suffix not in (".nii", ".nii.gz"):
+        return
+    with nib.openers.ImageOpener(path) as f:
+        raw = type(img.header).from_fileobj(f, check=False)["pixdim"][1:4]
+    if not (np.isfinite(raw).all() and (raw != 0).all()):
+        raise VolumeError(f"{path}: voxel spacing {[float(v) for v in raw]} in the header (pixdim); a zero would "
+                          "be read as 1 mm — fix the header")
 
 
 def load_volume(path, reject_nonfinite: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -112,6 +126,7 @@ def load_volume(path, reject_nonfinite: bool = False) -> tuple[np.ndarray, np.nd
                 raise VolumeError(f"{path}: 2D image, shape {list(img.shape)} (need 3 spatial axes)")
             # zooms of the file as written: a NaN pixdim stays visible here even when the sform is fine
             _check_spacing(img.header.get_zooms()[:3], path)
+            _check_raw_pixdim(img, path, suffix)
             ornt = _canonical_ornt(img.affine, path)
             x = np.asarray(img.dataobj, dtype=np.float32)  # applies scl_slope/inter; reads the whole file
             extra = [s for s in x.shape[3:] if s != 1]
@@ -157,6 +172,7 @@ def describe_volume(path) -> dict:
             img = nib.load(path)
             if len(img.shape) < 3:
                 raise VolumeError(f"{path}: 2D image, shape {list(img.shape)}")
+            _check_raw_pixdim(img, path, suffix)
             ornt = _canonical_ornt(img.affine, path)
             axes = ornt[:, 0].astype(int)
             shape3, zooms = [0, 0, 0], np.empty(3)
@@ -310,12 +326,18 @@ def pretrain_sources(spec) -> list[dict]:
         return [{"image": str(p)} for p in spec]
     spec = str(spec)
     if spec.lower().endswith(".json") and os.path.isfile(spec):
-        meta = json.loads(Path(spec).read_text())
+        try:
+            meta = json.loads(Path(spec).read_text())
+        except Exception as e:
+            raise VolumeError(f"{spec}: not a readable JSON datalist ({e})") from None
         if isinstance(meta, list):  # pretraining JSON; relative paths are relative to the JSON's folder
             root = Path(spec).parent
             out = []
-            for item in meta:
-                item = {"image": item} if isinstance(item, str) else dict(item)
+            for n, item in enumerate(meta):
+                item = {"image": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else {}
+                if "image" not in item:
+                    raise VolumeError(f"{spec}: item {n} has no \"image\" (a pretraining datalist is a list of "
+                                      f"paths or {{\"image\": path}})")
                 images = item["image"] if isinstance(item["image"], list) else [item["image"]]
                 for p in images:
                     out.append({**item, "image": str(root / p)})  # root / absolute == absolute
@@ -384,18 +406,31 @@ def read_datalist(path) -> dict:
     root = path.parent
     if isinstance(meta, list):
         meta = {"training": meta}
-    if not any(s in meta for s in SPLITS):  # a bare MSD-style description of a folder
-        return _pair_folder(root, meta.get("image_dir"), meta.get("label_dir"))
+    if not isinstance(meta, dict):
+        raise VolumeError(f"{path}: a datalist is a JSON object or list, got {type(meta).__name__}")
+    if not any(s in meta for s in SPLITS):
+        lists = [k for k, v in meta.items() if isinstance(v, list)]
+        if lists:  # e.g. "train"/"val": item lists under names nobody reads would be silently ignored
+            raise VolumeError(f"{path}: item lists under {lists}; a datalist names them {list(SPLITS)}")
+        return _pair_folder(root, meta.get("image_dir"), meta.get("label_dir"))  # a bare MSD-style description
+    for split in SPLITS:
+        if not isinstance(meta.get(split, []), list):
+            raise VolumeError(f"{path}: \"{split}\" must be a list of items, got {type(meta[split]).__name__}")
     image_alts = [meta.get("image_dir"), "images", "imagesTr", "imagesTs"]
     label_alts = [meta.get("label_dir"), "labels", "labelsTr"]
     image_alts, label_alts = [a for a in image_alts if a], [a for a in label_alts if a]
     dl = {}
     for split in SPLITS:
         items = []
-        for item in meta.get(split, []):
+        for n, item in enumerate(meta.get(split, [])):
+            if not isinstance(item, (str, list, dict)):
+                raise VolumeError(f"{path}: {split}[{n}] is {item!r}; an item is a path or {{\"image\": ...}}")
             item = {"image": item} if isinstance(item, (str, list)) else dict(item)
             if "image" not in item:  # BraTS: image1..image4
                 keys = sorted((k for k in item if k.startswith("image") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+                if not keys:
+                    raise VolumeError(f"{path}: {split}[{n}] has no \"image\" key (its keys: {sorted(item)}); "
+                                      f"items are {{\"image\": path, \"label\": path or int}}")
                 item["image"] = [item.pop(k) for k in keys]
             img = item["image"]
             item["image"] = [_resolve(p, root, image_alts) for p in img] if isinstance(img, list) \
@@ -1008,21 +1043,37 @@ if __name__ == "__main__":
         items, bad = make_datalist(args.dir)
         for path, why in bad:
             print(f"make-datalist: skipped {why}", file=sys.stderr)
+        # every datalist reader resolves a relative path against the JSON's folder: write paths below that
+        # folder relative to it (the pair can move together), all others absolute
+        root = Path(args.out).resolve().parent
+        for item in items:
+            p = Path(item["image"]).resolve()
+            item["image"] = str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(items, indent=1))
         print(f"make-datalist: {len(items)} volumes -> {args.out} ({len(bad)} skipped)")
+        sys.exit(0 if items else 1)
     elif args.cmd == "prepare":
         summary = prepare(args.datalist, args.out, min_axis_size=args.min_axis_size, dtype=args.dtype,
                           workers=args.workers, retry_rejected=args.retry)
         summary["rejected"] = len(summary["rejected"])  # names went to stderr
         print(json.dumps(summary))
+        if not load_index(args.out).get("entries"):
+            sys.exit(f"prepare: {args.out} holds no usable volume (see the messages above)")
     elif args.cmd == "show":
+        n_bad = 0
         for f in args.files:
             try:
                 x, spacing, affine = load_volume(f)
             except VolumeError as e:
                 print(e)
+                n_bad += 1
                 continue
             finite = x[np.isfinite(x)]
-            print(f"{f}: (C, H, W, D) = {list(x.shape)}, spacing {np.round(spacing, 4).tolist()}, "
-                  f"orientation {''.join(nib.aff2axcodes(affine))}, range [{finite.min():.4g}, {finite.max():.4g}], "
-                  f"non-finite voxels {x.size - finite.size}")
+            own = "".join(nib.aff2axcodes(nib.load(f).affine)) if _suffix(f) != ".npy" else "none (.npy)"
+            value_range = f"[{finite.min():.4g}, {finite.max():.4g}]" if finite.size else "none (no finite voxel)"
+            print(f"{f}: (C, H, W, D) = {list(x.shape)} after reorienting to RAS, file orientation {own}, "
+                  f"spacing {np.round(spacing, 4).tolist()}, range {value_range}, non-finite voxels "
+                  f"{x.size - finite.size}")
+            n_bad += finite.size == 0
+        sys.exit(1 if n_bad else 0)

@@ -97,7 +97,7 @@ def phantoms(n: int, size: int, seed: int) -> dict:
 def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, size: int = 64,
         data_seed: int = 90_210, seed: int | None = None) -> dict:
     t0 = time.perf_counter()
-    obj = torch.load(ckpt, map_location="cpu", weights_only=True)
+    obj = model.load_checkpoint(ckpt)
     vit = model.vit_from_checkpoint(obj)
     if seed is None:  # the pretraining run's seed, so the random twin is exactly its starting point
         seed = int(obj.get("config", {}).get("seed", 0))

@@ -48,6 +48,7 @@ import json
 import math
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -62,6 +63,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import adapter
 import augment
@@ -181,26 +183,47 @@ def case_name(item) -> str:
     return next((base[: -len(s)] for s in data.VOLUME_SUFFIXES if base.lower().endswith(s)), base)
 
 
+def unique_names(items: list) -> None:
+    """Give every item a distinct "name" in place (prediction files and results rows are keyed by it): cases whose
+    files share a name (in different folders) get their folder's name in front, then a number if still equal."""
+    names = [case_name(it) for it in items]
+    for k, it in enumerate(items):
+        if names.count(names[k]) > 1:
+            p = it["image"][0] if isinstance(it["image"], list) else it["image"]
+            it["name"] = f"{os.path.basename(os.path.dirname(os.path.abspath(str(p))))}_{names[k]}"
+    names = [case_name(it) for it in items]
+    for k, it in enumerate(items):
+        if names.count(names[k]) > 1:
+            it["name"] = f"{names[k]}_{k}"
+
+
 def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[str]:
-    """Problems with one datalist item, each naming the case, found from the headers (+ the label's voxels):
-    missing/unreadable files, a channel count other than in_chans, channels or label of another shape, no label
-    where one is needed, label values that are not integers in [0, num_classes)."""
+    """Problems with one datalist item, each naming the case, found by reading every file whole: missing,
+    truncated or unreadable files, an image channel with no finite voxel, a channel count other than in_chans,
+    channels or label of another shape, no label where one is needed, label values that are not integers in
+    [0, num_classes). A constant image (nothing to segment) comes back as a "warning: ..." line."""
     name = case_name(item)
     paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
+    warnings = []
     try:
-        heads = [data.describe_volume(p) for p in paths]
-        shape = heads[0]["shape"][:3]
-        chans = sum(h["shape"][3] if len(h["shape"]) > 3 else 1 for h in heads)
-        bad = [h["image"] for h in heads if h["shape"][:3] != shape]
+        vols = [data.load_volume(p)[0] for p in paths]  # (C, H, W, D) each
+        for p, x in zip(paths, vols):
+            if not np.isfinite(x).reshape(len(x), -1).any(1).all():
+                return [f"case {name}: {p} has a channel without a single finite voxel"]
+            if data.is_constant(data.fill_nonfinite(x)):
+                warnings.append(f"warning: case {name}: {p} is constant (one value everywhere)")
+        shape = list(vols[0].shape[1:])
+        chans = sum(len(x) for x in vols)
+        bad = [p for p, x in zip(paths, vols) if list(x.shape[1:]) != shape]
         if bad:
-            return [f"case {name}: channel {bad[0]} has shape {data.describe_volume(bad[0])['shape'][:3]}, "
+            return [f"case {name}: channel {bad[0]} has shape {list(vols[paths.index(bad[0])].shape[1:])}, "
                     f"{paths[0]} has {shape}"]
         if chans != in_chans:
             return [f"case {name}: image has {chans} channel(s) ({len(paths)} file(s)), the config says "
                     f"in_chans={in_chans}"]
         label = item.get("label")
         if label is None or isinstance(label, (int, float)):
-            return [f"case {name}: no label map"] if need_label else []
+            return [f"case {name}: no label map"] if need_label else warnings
         lab = data.load_volume(label)[0]
         if lab.shape[0] != 1:
             return [f"case {name}: label {label} has {lab.shape[0]} channels, expected one label map"]
@@ -214,7 +237,7 @@ def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[
                     f"[0, num_classes={num_classes})"]
     except data.VolumeError as e:
         return [f"case {name}: {e}"]
-    return []
+    return warnings
 
 
 def prepare_case(item, crop_size: int, target_spacing=None, ct_window=None, crop_foreground: bool = False) -> dict:
@@ -358,7 +381,8 @@ if __name__ == "__main__":
     out_dir = "out/seg"
     eval_interval = 600  # iterations between validations (reference: eval_iters 600)
     log_interval = 10  # iterations between log lines
-    resume = False  # continue the run in out_dir from ckpt.pt
+    resume = False  # continue the run in out_dir from ckpt.pt (an error if there is none)
+    overwrite = False  # replace the run already in out_dir (without it or resume, an existing run is refused)
     stop_at = 0  # > 0: checkpoint and exit at this iteration, as if killed (time-sliced jobs, tests); resume goes on
     save_predictions = True  # write the test predictions as NIfTI into out_dir/predictions/
     seed = 0
@@ -417,19 +441,30 @@ if __name__ == "__main__":
     # system
     device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
     dtype = "auto"  # autocast dtype: "bfloat16", "float16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
+    threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
     # -----------------------------------------------------------------------------
-    from configurator import configure
+    from configurator import ConfigError, check_out_dir, configure
 
     config = configure(globals(), sys.argv[1:])
+    t_start = time.time()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if not isinstance(max_iters, int) or max_iters < 1:
+        raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
+    if dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ConfigError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
+    check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "best.pt", "results.json"), "ckpt.pt")
     n_out = len(regions) if regions else num_classes  # output channels of the head
     if loss not in ("dice_ce", "dice", "sigmoid_dice"):
-        raise ValueError(f"loss must be 'dice_ce', 'dice' or 'sigmoid_dice', got {loss!r}")
+        raise ConfigError(f"loss must be 'dice_ce', 'dice' or 'sigmoid_dice', got {loss!r}")
     if (loss == "sigmoid_dice") != bool(regions):
-        raise ValueError("loss='sigmoid_dice' needs regions (label values per region), and regions need it")
+        raise ConfigError("loss='sigmoid_dice' needs regions (label values per region), and regions need it")
     if not 0 < label_fraction <= 1:
-        raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+        raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
     if random_init and not pretrained:
-        raise ValueError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
+        raise ConfigError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
                          "without a checkpoint pretrained=None already means random init of arch")
     head_kw, head_kw_dropped = head_options(head, head_kwargs)  # a typo fails here, before any data is read
 
@@ -450,14 +485,12 @@ if __name__ == "__main__":
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device_type == "cuda" else "float32"
-    if dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
     ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
     torch.manual_seed(seed + rank)
     if master_process:
         os.makedirs(out_dir, exist_ok=True)
-        print(json.dumps(config, indent=1))
+        print(f"full config: the first line of {os.path.join(out_dir, 'log.jsonl')}")
 
     # -----------------------------------------------------------------------------
     # data: the datalist (or synthetic phantoms), the label fraction, checks of every case before anything trains
@@ -465,18 +498,22 @@ if __name__ == "__main__":
         dl = data.read_datalist(datalist)
     else:
         if num_classes != data.SyntheticVolumes.num_classes or in_chans != 1:
-            raise ValueError(f"synthetic phantoms have {data.SyntheticVolumes.num_classes} classes and 1 channel; "
+            raise ConfigError(f"synthetic phantoms have {data.SyntheticVolumes.num_classes} classes and 1 channel; "
                              f"the config says num_classes={num_classes}, in_chans={in_chans}")
         dl = {}
         for s, (split, n) in enumerate(zip(data.SPLITS, synthetic_cases)):  # a different phantom seed per split
             vols = data.SyntheticVolumes(n, synthetic_shape, seed=1000 * split_seed + s, with_labels=True)
             dl[split] = [{"name": f"synthetic_{split}_{i:03d}", "image": vols[i]["image"].numpy(),
                           "label": vols[i]["label"].numpy()} for i in range(n)]
+    if not dl["training"]:
+        raise ConfigError(f"{datalist}: no training cases")
     if not dl["validation"]:
-        raise ValueError(f"{datalist}: no validation cases (the best checkpoint is chosen on them)")
+        raise ConfigError(f"{datalist}: no validation cases (the best checkpoint is chosen on them)")
     if not dl["test"]:
         print(f"{datalist}: no test split; the test pass reports the validation cases")
         dl["test"] = dl["validation"]
+    for split in data.SPLITS:
+        unique_names(dl[split])
     order = list(range(len(dl["training"])))
     random.Random(split_seed).shuffle(order)  # nested subsets: 10% is a prefix of 25%, which is a prefix of 100%
     n_train = max(1, round(len(order) * label_fraction))
@@ -486,6 +523,9 @@ if __name__ == "__main__":
         jobs = [(it, split != "test") for split in data.SPLITS for it in dl[split]]
         with ThreadPoolExecutor(8) as pool:  # gzip and nibabel release the GIL
             problems = sum(pool.map(lambda j: check_case(j[0], in_chans, num_classes, j[1]), jobs), [])
+        for w in [p for p in problems if p.startswith("warning: ")]:
+            print(w)
+        problems = [p for p in problems if not p.startswith("warning: ")]
         if problems:
             raise data.VolumeError(f"{datalist}: {len(problems)} bad case(s):\n  " + "\n  ".join(problems[:20]))
     prep = partial(prepare_case, crop_size=crop_size, target_spacing=target_spacing, ct_window=ct_window,
@@ -554,8 +594,15 @@ if __name__ == "__main__":
     ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
     iter_num, best_val, best_iter, loss_sum, n_loss = 0, -1.0, -1, 0.0, 0
     history = {"iters": [], "train_loss": [], "val_dice": [], "val_dice_per_class": []}
-    if resume and os.path.exists(ckpt_path):
+    if resume:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        shape_keys = ("head", "head_kwargs", "pretrained", "arch", "embed_dim", "depth", "num_heads", "patch_size",
+                      "in_chans", "num_classes", "regions", "crop_size", "freeze_backbone")
+        changed = [f"{k}: checkpoint {ckpt['config'][k]!r}, now {config[k]!r}" for k in shape_keys
+                   if k in ckpt.get("config", {}) and ckpt["config"][k] != config[k]]
+        if changed:
+            raise ConfigError(f"resume: {ckpt_path} was trained with other settings ({'; '.join(changed)}); "
+                              "resume with its settings, or start a new run")
         raw_net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val, best_iter, history = ckpt["iter_num"], ckpt["best_val"], ckpt["best_iter"], ckpt["history"]
@@ -566,8 +613,6 @@ if __name__ == "__main__":
             torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
         if master_process:
             print(f"resumed from {ckpt_path} at iteration {iter_num} (best validation Dice {best_val:.4f})")
-    elif resume and master_process:
-        print(f"resume=True but {ckpt_path} does not exist: starting from scratch")
     start_iter = iter_num
 
     def save_checkpoint():
@@ -605,11 +650,11 @@ if __name__ == "__main__":
         return d, metrics.hd95(pred, label, num_classes, spacing, empty=diag) if with_hd95 else None
 
     @torch.no_grad()
-    def evaluate(cases, overlap, with_hd95=False, pred_dir=None):
+    def evaluate(cases, overlap, with_hd95=False, pred_dir=None, desc="validation"):
         """Rows {"case", "dice", "hd95", "prediction"} for every case; the ranks split the cases, then gather."""
         raw_net.eval()
         rows = []
-        for i in range(rank, len(cases), world_size):
+        for i in tqdm(range(rank, len(cases), world_size), desc=desc, leave=False, disable=not master_process):
             case = get_case(cases[i])
             x = torch.from_numpy(case["image"])[None].to(device)  # (1, C, H, W, D)
             with autocast:
@@ -649,6 +694,10 @@ if __name__ == "__main__":
             return None
 
     def log_line(d):
+        if "config" not in d:  # every row: wall seconds since start and the process's peak resident memory
+            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+            d = {**d, "elapsed_s": round(time.time() - t_start, 1),
+                 "peak_rss_mb": round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024))}
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(d) + "\n")
 
@@ -666,7 +715,6 @@ if __name__ == "__main__":
     batches = iter(loader)
     pbar = None
     if master_process:
-        from tqdm import tqdm
 
         pbar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, desc="finetune")
     train_mode()
@@ -758,7 +806,7 @@ if __name__ == "__main__":
         pred_dir = os.path.join(out_dir, "predictions") if save_predictions else None
         if pred_dir:
             os.makedirs(pred_dir, exist_ok=True)
-        rows = evaluate(splits["test"], test_overlap, with_hd95=True, pred_dir=pred_dir)
+        rows = evaluate(splits["test"], test_overlap, with_hd95=True, pred_dir=pred_dir, desc="test")
         if master_process:
             nan2none = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
             clean = lambda a: [nan2none(float(v)) for v in a]  # noqa: E731

@@ -45,6 +45,7 @@ results with the test probabilities, summary), log.jsonl (config, then one line 
 import json
 import math
 import os
+import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -65,6 +66,7 @@ import model
 # default config values: the paper's linear-probing run (reference README: 100 epochs x 125 it, batch 32)
 # I/O
 out_dir = "out/probe"
+overwrite = False  # replace the results already in out_dir (otherwise a second run there is refused)
 seed = 0  # run r uses seed + r: classifier init, batch order, training subset, augmented views
 n_runs = 5  # the paper reports 5 randomised runs
 # data
@@ -103,23 +105,31 @@ eval_interval = 50
 select_metric = "accuracy"  # "accuracy" (reference: top-1 on validation) or "auc" (macro AUC on validation)
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
+threads = 0  # torch CPU threads for the feature pass; 0 = torch's default (the classifiers always use 1 on CPU)
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import ConfigError, check_out_dir, configure  # noqa: E402
 
 config = configure(globals(), sys.argv[1:])
+check_out_dir(out_dir, False, overwrite, ("results.json", "log.jsonl", "classifiers.pt"), "")
+if threads > 0:
+    torch.set_num_threads(threads)
+if not isinstance(max_iters, int) or max_iters < 1:
+    raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
 # derived values, visible after the overrides
 class_names = tuple(class_names) or tuple(str(k) for k in range(num_classes))
 scaled_lrs = [lr * batch_size / 256 for lr in lrs]  # reference: lr x batch x world_size / 256
 if num_classes < 2:
-    raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
 if select_metric not in ("accuracy", "auc"):
-    raise ValueError(f"select_metric must be 'accuracy' or 'auc', got {select_metric!r}")
+    raise ConfigError(f"select_metric must be 'accuracy' or 'auc', got {select_metric!r}")
 if len(class_names) != num_classes:
-    raise ValueError(f"class_names has {len(class_names)} names for num_classes = {num_classes}")
+    raise ConfigError(f"class_names has {len(class_names)} names for num_classes = {num_classes}")
 if image_size % patch_size:
-    raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+    raise ConfigError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
 if not 0 < label_fraction <= 1:
-    raise ValueError(f"label_fraction must be in (0, 1], got {label_fraction}")
+    raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
 os.makedirs(out_dir, exist_ok=True)
 t_start = time.time()
 
@@ -129,7 +139,7 @@ torch.manual_seed(seed)
 if dtype == "auto":
     dtype = "float16" if device.startswith("cuda") else "float32"
 if dtype not in ("float16", "bfloat16", "float32"):
-    raise ValueError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {dtype!r}")
+    raise ConfigError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {dtype!r}")
 autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
 
 # -----------------------------------------------------------------------------
@@ -154,13 +164,13 @@ else:  # the synthetic task: lesions (label_cls 1) or not, a small structure a g
         cases.append({"image": p["image"], "label": p["label_cls"], "name": f"phantom_{i:03d}"})
     listed = np.split(np.arange(len(cases)), np.cumsum(synthetic_n)[:-1])
 if not cases:
-    raise ValueError(f"datalist {datalist!r} has no cases")
+    raise ConfigError(f"datalist {datalist!r} has no cases")
 
 if label_from_map:  # derived label: is this case's structure `label_from_map` larger than the median case's?
     counts = []
     for item in tqdm(cases, desc=f"label maps (value {label_from_map})"):
         if not isinstance(item.get("label"), str):
-            raise ValueError(f"{case_name(item)}: label_from_map needs a label map path, got {item.get('label')!r}")
+            raise ConfigError(f"{case_name(item)}: label_from_map needs a label map path, got {item.get('label')!r}")
         lab = data.load_volume(item["label"])[0]  # (1, H, W, D); errors name the file
         counts.append(int((lab == label_from_map).sum()))
     median = float(np.median(counts))
@@ -173,7 +183,7 @@ for item in cases:  # every label an int class index
     lab = item.get("label")
     if not isinstance(lab, (int, np.integer)) or isinstance(lab, bool) or not 0 <= lab < num_classes:
         hint = " (a label map? set label_from_map)" if isinstance(lab, str) else ""
-        raise ValueError(f"{case_name(item)}: label {lab!r} is not a class index in [0, {num_classes}) "
+        raise ConfigError(f"{case_name(item)}: label {lab!r} is not a class index in [0, {num_classes}) "
                          f"{list(class_names)}{hint}")
 labels = torch.tensor([int(item["label"]) for item in cases])
 
@@ -181,7 +191,7 @@ run_splits = []  # (train, val, test) case indices of every run
 for r in range(n_runs):
     if split:
         if sum(split) > len(cases):
-            raise ValueError(f"split {tuple(split)} needs {sum(split)} cases, the datalist has {len(cases)}")
+            raise ConfigError(f"split {tuple(split)} needs {sum(split)} cases, the datalist has {len(cases)}")
         perm = np.random.default_rng(split_seed + (r if split_per_run else 0)).permutation(len(cases))
         tr, va, te = np.split(perm[: sum(split)], np.cumsum(split)[:-1])
     else:
@@ -194,22 +204,34 @@ for r in range(n_runs):
 for r, (tr, va, te) in enumerate(run_splits):
     for name, idx in (("training", tr), ("validation", va), ("test", te)):
         if len(idx) == 0:
-            raise ValueError(f"run {r}: the {name} list is empty")
+            raise ConfigError(f"run {r}: the {name} list is empty")
         missing = [class_names[k] for k in range(num_classes) if not (labels[idx] == k).any()]
         if missing and name == "validation":  # selection could never reward a classifier for these classes
-            raise ValueError(f"run {r}: no validation example of class(es) {missing}; every class needs one")
+            raise ConfigError(f"run {r}: no validation example of class(es) {missing}; every class needs one")
         if name == "test" and len(missing) >= num_classes - 1:
-            raise ValueError(f"run {r}: the test list has a single class, AUC is undefined")
+            raise ConfigError(f"run {r}: the test list has a single class, AUC is undefined")
         if missing:
             print(f"warning: run {r}: no {name} example of class(es) {missing}")
 
-for item in cases:  # readable headers now, not after an hour of feature extraction
-    if not isinstance(item["image"], torch.Tensor):
-        for p in (item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]):
-            data.describe_volume(p)  # raises VolumeError naming the file
+channels = {}  # readable headers and one channel count now, not after an hour of feature extraction
+for item in cases:
+    if isinstance(item["image"], torch.Tensor):
+        channels[case_name(item)] = item["image"].shape[0]
+    else:
+        heads = [data.describe_volume(p) for p in (item["image"] if isinstance(item["image"], (list, tuple))
+                                                   else [item["image"]])]  # VolumeError names the file
+        channels[case_name(item)] = sum(h["shape"][3] if len(h["shape"]) > 3 else 1 for h in heads)
+counts = sorted(set(channels.values()))
+if len(counts) > 1:
+    odd = [f"{n} ({c})" for n, c in channels.items() if c != max(counts, key=list(channels.values()).count)]
+    raise ConfigError(f"the cases have different channel counts {counts}; these differ from the rest: "
+                      + ", ".join(odd[:20]))
 in_train = np.unique(np.concatenate([tr for tr, _, _ in run_splits]))  # cases that need augmented views
 print(f"{len(cases)} cases, {num_classes} classes {list(class_names)}, "
       f"counts {torch.bincount(labels, minlength=num_classes).tolist()}; run 0: {len(run_splits[0][0])} train / {len(run_splits[0][1])} val / {len(run_splits[0][2])} test")
+
+
+constant_warned = set()
 
 
 def load_image(item):
@@ -218,6 +240,9 @@ def load_image(item):
         x = item["image"]
         return x[(slice(None), *data.foreground_box(x.numpy()))]
     case = data.load_case(item["image"], target_spacing=target_spacing, ct_window=ct_window, crop_to_foreground=True)
+    if data.is_constant(case["image"]) and case_name(item) not in constant_warned:
+        constant_warned.add(case_name(item))
+        tqdm.write(f"warning: case {case_name(item)} is constant: its features describe padding only")
     return torch.from_numpy(case["image"])
 
 
@@ -433,7 +458,9 @@ for r, (tr, va, te) in enumerate(run_splits):
                 best_state = {k: v.clone() for k, v in heads.state_dict().items()}
             log.write(json.dumps({"run": r, "iter": it + 1, "lr_factor": float(lr_schedule[it]),
                                   "loss": loss.item(), f"val_{select_metric}_max": float(scores.max()),
-                                  "best": best_score}) + "\n")
+                                  "best": best_score, "elapsed_s": round(time.time() - t_start, 1),
+                                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+                      + "\n")
             pbar.set_postfix(loss=f"{loss.item():.3f}", best_val=f"{best_score:.3f}")
     pbar.close()
     # restore the best set, re-select on validation, evaluate only the selected classifier on test

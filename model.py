@@ -19,6 +19,7 @@ Tensor legend (used in every shape comment of this repo):
     python model.py        # self-check: parameter counts and a CPU forward pass of every constructor
 """
 import math
+import os
 import re
 from functools import partial
 
@@ -389,6 +390,27 @@ class DINOHead(nn.Module):
 # checkpoints: ours, teacher exports, and the reference 3DINO format
 
 
+class CheckpointError(ValueError):
+    """A file that is not a usable checkpoint; the message starts with its path."""
+
+    input_error = True  # scripts print the message without a traceback (configurator)
+
+
+def load_checkpoint(path) -> dict:
+    """torch.load(path, weights_only=True) with errors that say what is wrong: a missing file, or a file that is
+    not a checkpoint (torch's own advice there, "re-run with weights_only=False", would unpickle untrusted code)."""
+    if not os.path.isfile(str(path)):
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's message would advise weights_only=False: never for a file we cannot trust
+        raise CheckpointError(f"{path}: not a checkpoint (torch.load with weights_only=True cannot read it: "
+                              f"{type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(obj).__name__}, expected a dict of tensors)")
+    return obj
+
+
 def split_checkpoint(obj) -> dict:
     """Bring any supported checkpoint to {"backbone": sd, "dino_head": sd, "ibot_head": sd} with our key names.
 
@@ -404,7 +426,7 @@ def split_checkpoint(obj) -> dict:
             sd = sd[key]
             break
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError("not a state dict: expected tensors (or a dict with 'teacher' / 'model' holding them)")
+        raise CheckpointError("not a state dict: expected tensors (or a dict with 'teacher' / 'model' holding them)")
     parts = {"backbone": {}, "dino_head": {}, "ibot_head": {}, "unexpected": {}}
     has_prefix = any(k.split(".")[0] in ("backbone", "dino_head", "ibot_head")
                      for k in (re.sub(r"^(module\.|_orig_mod\.)+", "", k) for k in sd))
@@ -448,7 +470,7 @@ def load_pretrained(model: ViT3D, path_or_state_dict, dino_head: nn.Module = Non
     what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
     obj = path_or_state_dict
     if not isinstance(obj, dict):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
+        obj = load_checkpoint(obj)
     parts = split_checkpoint(obj)
     if parts["unexpected"]:
         raise ValueError(f"{what}: unexpected keys {sorted(parts['unexpected'])[:10]}")
@@ -470,11 +492,17 @@ def vit_from_checkpoint(path_or_state_dict, **overrides) -> ViT3D:
     (`model_args`); for a reference checkpoint they are inferred from the tensor shapes (heads of width 64, as
     every 3DINO/DINOv2 ViT)."""
     obj = path_or_state_dict
+    what = str(obj) if not isinstance(obj, dict) else "checkpoint"
     if not isinstance(obj, dict):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)
+        obj = load_checkpoint(obj)
     args = dict(obj.get("model_args", {})) if isinstance(obj, dict) else {}
     if not args:
         sd = split_checkpoint(obj)["backbone"]
+        if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+            shown = ", ".join(sorted(sd)[:4])
+            raise CheckpointError(f"{what}: no ViT backbone in it (keys like {shown}, ...). A backbone comes from "
+                                  "pretrain.py's teacher_backbone.pt / ckpt.pt or a 3DINO teacher checkpoint; a "
+                                  "segmentation best.pt holds a whole segmenter")
         E, C, p = sd["patch_embed.proj.weight"].shape[:3]
         g = round((sd["pos_embed"].shape[1] - 1) ** (1 / 3))
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -491,7 +519,7 @@ def random_init_like(ckpt, seed: int) -> ViT3D:
     it is that run's step-0 backbone. layerscale_init comes from the export's model_args, for older exports from
     the pretraining config stored with it, else 3DINO's 1e-5 (the trained gammas no longer show it). The caller's
     global RNG is left as it was."""
-    obj = ckpt if isinstance(ckpt, dict) else torch.load(ckpt, map_location="cpu", weights_only=True)
+    obj = ckpt if isinstance(ckpt, dict) else load_checkpoint(ckpt)
     args = dict(vit_from_checkpoint(obj).args)
     cfg = obj.get("config") if isinstance(obj.get("config"), dict) else {}
     if "layerscale_init" not in (obj.get("model_args") or {}):

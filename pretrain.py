@@ -26,6 +26,7 @@ its random init on held-out labelled phantoms).
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -50,7 +51,8 @@ out_dir = "out/pretrain"
 log_interval = 10  # steps between log lines (loss values are all-reduced and synced only then)
 ckpt_interval = 3750  # steps between resumable checkpoints (reference: every 3750 it)
 export_interval = 12500  # steps between teacher exports (reference: eval_period_iterations)
-resume = False  # continue the run in out_dir from ckpt.pt
+resume = False  # continue the run in out_dir from ckpt.pt (an error if there is none)
+overwrite = False  # replace the run already in out_dir (without it or resume, an existing run is refused)
 init_from = None  # a teacher checkpoint to start from (high-res stage): backbone + heads, pos-embed resized
 visualize_at_end = False  # write a PCA/attention montage of one volume with the final teacher (visualize.py)
 eval_at_end = False  # evaluate.py: the final teacher vs its random init on held-out labelled phantoms -> eval.json
@@ -116,10 +118,23 @@ device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:
 dtype = "auto"  # autocast dtype: "bfloat16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU (CPU bf16
 #                 autocast works too: slower on most CPUs, but it runs the mixed-precision path without a GPU)
 compile = False  # torch.compile every transformer block of the student and teacher backbones
+threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
 # -----------------------------------------------------------------------------
-from configurator import configure  # noqa: E402
+from configurator import ConfigError, check_out_dir, configure  # noqa: E402
 
 config = configure(globals(), sys.argv[1:])
+t_start = time.time()
+if threads > 0:
+    torch.set_num_threads(threads)
+if not isinstance(max_iters, int) or max_iters < 1:
+    raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
+if dtype not in ("auto", "bfloat16", "float32"):
+    # fp16 would need loss scaling (the reference's GradScaler); bf16 has fp32's range and needs none
+    raise ConfigError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
+# before any rank writes (the DDP rendezvous below waits for every rank to get past this)
+check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "teacher_backbone.pt"), "ckpt.pt")
 
 # -----------------------------------------------------------------------------
 # DDP and device
@@ -137,7 +152,7 @@ else:
 master_process = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if batch_size % (world_size * grad_accum_steps):
-    raise ValueError(f"batch_size {batch_size} is not divisible by world_size {world_size} x grad_accum_steps "
+    raise ConfigError(f"batch_size {batch_size} is not divisible by world_size {world_size} x grad_accum_steps "
                      f"{grad_accum_steps}")
 micro_batch = batch_size // (world_size * grad_accum_steps)  # images per rank per micro-step
 augment.keep_freed_memory()  # glibc: reuse freed multi-MB blocks (no page faults per step; see augment.py)
@@ -145,14 +160,11 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32"
-if dtype not in ("bfloat16", "float32"):
-    # fp16 would need loss scaling (the reference's GradScaler); bf16 has fp32's range and needs none
-    raise ValueError(f"dtype must be 'bfloat16' or 'float32', got {dtype!r}")
 ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
-    print(json.dumps(config, indent=1))
+    print(f"full config: the first line of {os.path.join(out_dir, 'log.jsonl')}")
     print(f"world_size {world_size}, {micro_batch} images per rank per micro-step, {grad_accum_steps} micro-steps")
 
 # -----------------------------------------------------------------------------
@@ -302,8 +314,15 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 start_step = 0
 centers = {"dino": torch.zeros(1, head_n_prototypes, device=device),
            "ibot": torch.zeros(1, 1, head_n_prototypes, device=device)}
-if resume and os.path.exists(ckpt_path):
+if resume:
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    shape_keys = ("arch", "embed_dim", "depth", "num_heads", "patch_size", "global_crops_size", "head_n_prototypes",
+                  "head_hidden_dim", "head_bottleneck_dim", "head_nlayers")
+    changed = [f"{k}: checkpoint {ckpt['config'][k]!r}, now {config[k]!r}" for k in shape_keys
+               if k in config and k in ckpt.get("config", {}) and ckpt["config"][k] != config[k]]
+    if changed:
+        raise ConfigError(f"resume: {ckpt_path} was trained with another architecture ({'; '.join(changed)}); "
+                          "resume with its settings, or start a new run")
     student.load_state_dict(ckpt["student"])
     teacher.load_state_dict(ckpt["teacher"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -311,8 +330,6 @@ if resume and os.path.exists(ckpt_path):
     start_step = ckpt["step"]
     if master_process:
         print(f"resumed from {ckpt_path} at step {start_step}")
-elif resume and master_process:
-    print(f"resume=True but {ckpt_path} does not exist: starting from scratch")
 
 raw_student = student  # unwrapped, for checkpoints and EMA
 if compile:
@@ -353,8 +370,15 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tens
 
 
 def log_line(d):
+    if "config" not in d:  # every row: wall seconds since start and the process's peak resident memory
+        d = {**d, "elapsed_s": round(time.time() - t_start, 1), "peak_rss_mb": peak_rss_mb()}
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(d) + "\n")
+
+
+def peak_rss_mb():
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024))
 
 
 log_path = os.path.join(out_dir, "log.jsonl")

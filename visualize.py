@@ -385,6 +385,8 @@ def run(ckpt, image, out_dir, head: int = -1, window: int = 0, resize: int = 0, 
     x, spacing, affine = data.load_volume(image)  # (C, H, W, D) RAS+
     if not 0 <= frame < x.shape[0]:
         raise ValueError(f"{image}: frame {frame} out of range, the volume has {x.shape[0]}")
+    if data.is_constant(data.fill_nonfinite(x[frame])):
+        raise data.VolumeError(f"{image}: frame {frame} is constant (one value everywhere): nothing to visualise")
     img = data.normalize_percentile(data.fill_nonfinite(x[frame]))  # (H, W, D) in [-1, 1]
     if not -1 <= head < model.num_heads:
         raise ValueError(f"--head {head}: the model has {model.num_heads} heads (-1 = mean)")

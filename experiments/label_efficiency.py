@@ -93,6 +93,8 @@ if args.pretrain_iters:
     cmd.append(f"--max_iters={args.pretrain_iters}")
 if os.path.exists(os.path.join(pre_dir, "ckpt.pt")) and not os.path.exists(teacher):
     cmd.append("--resume=True")
+elif os.path.isdir(pre_dir) and not os.path.exists(teacher):
+    cmd.append("--overwrite=True")  # killed before its first checkpoint: nothing to keep
 run("pretrain", cmd, teacher)
 
 # --- 3. segmentation: each protocol at each label fraction, pretrained vs random init of the same ViT --------------
@@ -108,6 +110,8 @@ for proto in args.protocols:
                 cmd.append(f"--max_iters={args.seg_iters}")
             if os.path.exists(os.path.join(d, "ckpt.pt")) and not os.path.exists(os.path.join(d, "results.json")):
                 cmd.append("--resume=True")  # killed midway: go on from its last evaluation
+            elif os.path.isdir(d) and not os.path.exists(os.path.join(d, "results.json")):
+                cmd.append("--overwrite=True")  # killed before its first checkpoint: nothing to keep
             run(f"seg {proto} {init} {frac:g}", cmd, os.path.join(d, "results.json"))
             seg[(proto, frac, init)] = json.load(open(os.path.join(d, "results.json")))
 

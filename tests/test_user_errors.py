@@ -1,0 +1,220 @@
+"""What a first-time user hits: no silent data loss, and every input error clear, early and without a traceback.
+
+Each test runs the real script (or data.py's CLI) the way a user would and reads what it prints. Input errors
+must name the file or key, exit with code 1, and print no Python traceback."""
+import json
+import os
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import augment
+import data
+import finetune_seg as fs
+import model
+from conftest import ROOT, requires_shared
+
+TINY_PRETRAIN = ["--embed_dim=32", "--depth=4", "--num_heads=2", "--patch_size=8", "--global_crops_size=16",
+                 "--local_crops_size=8", "--n_local_crops=2", "--head_n_prototypes=64", "--head_hidden_dim=32",
+                 "--head_bottleneck_dim=16", "--batch_size=4", "--num_workers=0", "--min_axis_size=8",
+                 "--warmup_iters=1", "--warmup_teacher_temp_iters=1", "--freeze_last_layer_iters=0"]
+
+
+def script(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_input_error(p, *needles):
+    """Exit code 1, the message (each needle) on stderr, and no traceback."""
+    assert p.returncode == 1, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    for n in needles:
+        assert n in p.stderr, (n, p.stderr[-2000:])
+
+
+# ---- no silent loss --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_second_run_into_a_used_out_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = (out / "log.jsonl").read_text()
+    ckpt_bytes = (out / "ckpt.pt").read_bytes()
+    again = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}")
+    assert_input_error(again, str(out), "already holds a run", "--resume=True", "--overwrite=True")
+    assert (out / "log.jsonl").read_text() == log and (out / "ckpt.pt").read_bytes() == ckpt_bytes  # untouched
+    # every log row carries the elapsed time and peak memory
+    rows = [json.loads(line) for line in log.splitlines()[1:]]
+    assert rows and all("elapsed_s" in r and r["peak_rss_mb"] > 0 for r in rows)
+    # on purpose: --overwrite=True replaces it
+    over = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}", "--overwrite=True")
+    assert over.returncode == 0, over.stderr[-2000:]
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--out_dir={tmp_path / 'none'}", "--resume=True")
+    assert_input_error(p, "resume=True but there is no checkpoint", str(tmp_path / "none" / "ckpt.pt"))
+    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--out_dir={tmp_path / 'none'}",
+               "--resume=True")
+    assert_input_error(p, "resume=True but there is no checkpoint")
+
+
+@pytest.mark.slow
+def test_resume_with_a_changed_architecture_names_the_keys(tmp_path):
+    out = tmp_path / "run"
+    assert script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}").returncode == 0
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=4", f"--out_dir={out}", "--resume=True",
+               "--depth=6", "--head_n_prototypes=128")
+    assert_input_error(p, "another architecture", "depth: checkpoint 4, now 6", "head_n_prototypes: checkpoint 64")
+    assert "size mismatch" not in p.stderr
+
+
+def test_make_datalist_then_prepare_from_another_folder(tmp_path):
+    """make-datalist's paths are read back by prepare whatever the current folder (they used to be written
+    relative to it and read relative to the JSON), and prepare fails when it wrote nothing usable."""
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for i in range(2):
+        nib.save(nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4)), vols / f"v{i}.nii.gz")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    p = script(ROOT / "data.py", "make-datalist", "../vols", "--out", "sub/list.json", cwd=work)
+    assert p.returncode == 0, p.stderr
+    p = script(ROOT / "data.py", "prepare", "--datalist", "sub/list.json", "--out", "cache", "--min_axis_size=8",
+               cwd=work)
+    assert p.returncode == 0, p.stderr
+    assert len(data.load_index(work / "cache")["entries"]) == 2
+    (work / "bad.json").write_text(json.dumps([{"image": "missing.nii.gz"}]))
+    p = script(ROOT / "data.py", "prepare", "--datalist", "bad.json", "--out", "cache2", cwd=work)
+    assert p.returncode == 1 and "holds no usable volume" in p.stderr
+
+
+def test_cases_with_the_same_file_name_get_distinct_names():
+    items = [{"image": "/a/x/case1.nii.gz"}, {"image": "/a/y/case1.nii.gz"}, {"image": "/a/case2.nii.gz"}]
+    fs.unique_names(items)
+    names = [fs.case_name(it) for it in items]
+    assert names == ["x_case1", "y_case1", "case2"]
+    items = [{"image": "/a/x/c.nii.gz"}, {"image": "/b/x/c.nii.gz"}]  # same folder name too: a number decides
+    fs.unique_names(items)
+    assert len({fs.case_name(it) for it in items}) == 2
+
+
+def test_zero_voxel_spacing_in_the_header_is_refused(tmp_path):
+    img = nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header["pixdim"][1:4] = [0, 2, 2]
+    img.set_sform(None, code=0)
+    path = tmp_path / "zero.nii.gz"
+    nib.save(img, path)
+    assert nib.load(path).header.get_zooms()[0] == 1.0  # what nibabel makes of it, silently for its caller
+    for fn in (data.load_volume, data.describe_volume):
+        with pytest.raises(data.VolumeError, match="voxel spacing \\[0.0, 2.0, 2.0\\] in the header"):
+            fn(path)
+
+
+def test_constant_and_all_nan_cases_are_reported(tmp_path):
+    const, nan = tmp_path / "const.nii.gz", tmp_path / "nan.nii.gz"
+    lab = tmp_path / "lab.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((12, 12, 12), 3.0, np.float32), np.eye(4)), const)
+    nib.save(nib.Nifti1Image(np.full((12, 12, 12), np.nan, np.float32), np.eye(4)), nan)
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.uint8), np.eye(4)), lab)
+    warn = fs.check_case({"image": str(const), "label": str(lab)}, 1, 3, True)
+    assert warn == [f"warning: case const: {const} is constant (one value everywhere)"]
+    bad = fs.check_case({"image": str(nan), "label": str(lab)}, 1, 3, True)
+    assert len(bad) == 1 and "without a single finite voxel" in bad[0]
+    truncated = tmp_path / "cut.nii.gz"
+    truncated.write_bytes(const.read_bytes()[:100])
+    bad = fs.check_case({"image": str(truncated), "label": str(lab)}, 1, 3, True)
+    assert len(bad) == 1 and "unreadable" in bad[0] and str(truncated) in bad[0]
+
+
+# ---- clear errors ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, needle", [
+    ({"train": [], "val": []}, "item lists under ['train', 'val']"),
+    ({"training": "a string"}, '"training" must be a list of items'),
+    ({"training": [{"img": "a.nii.gz", "seg": "b.nii.gz"}]}, 'training[0] has no "image" key'),
+])
+def test_malformed_datalists(tmp_path, content, needle):
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(data.VolumeError, match=None) as e:
+        data.read_datalist(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+def test_finetune_input_errors_print_the_message_alone(tmp_path):
+    (tmp_path / "empty.json").write_text(json.dumps({"training": [], "validation": [{"image": "x.nii.gz"}]}))
+    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--datalist={tmp_path / 'empty.json'}",
+               f"--out_dir={tmp_path / 'a'}")
+    assert_input_error(p, "no training cases")
+    for bad in ("--max_iters=0", "--max_iters=-5", "--max_iters=None"):
+        p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", bad, f"--out_dir={tmp_path / 'b'}")
+        assert_input_error(p, "max_iters must be a positive int")
+    if not torch.cuda.is_available():
+        p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", "--device=cuda", f"--out_dir={tmp_path / 'c'}")
+        assert_input_error(p, "torch sees no CUDA GPU")
+
+
+def test_pretrain_input_errors_print_the_message_alone(tmp_path):
+    (tmp_path / "list.json").write_text("{not json")
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--data={tmp_path / 'list.json'}",
+               f"--out_dir={tmp_path / 'a'}")
+    assert_input_error(p, str(tmp_path / "list.json"), "not a readable JSON datalist")
+    p = script(ROOT / "pretrain.py", "--max_iter=3", f"--out_dir={tmp_path / 'b'}")
+    assert_input_error(p, "unknown config key 'max_iter'", "did you mean 'max_iters'")
+
+
+def test_checkpoint_errors_say_what_the_file_is(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(300))
+    with pytest.raises(model.CheckpointError, match="junk.pt: not a checkpoint") as e:
+        model.vit_from_checkpoint(junk)
+    assert "weights_only=False" not in str(e.value)  # torch's advice would unpickle an untrusted file
+    seg = tmp_path / "best.pt"
+    torch.save({"model": {"vit.pos_embed": torch.zeros(1), "decoder.w": torch.zeros(1)}, "iter": 3}, seg)
+    with pytest.raises(model.CheckpointError, match="no ViT backbone in it"):
+        model.vit_from_checkpoint(seg)
+    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={junk}",
+               f"--out_dir={tmp_path / 'a'}", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)")
+    assert_input_error(p, "junk.pt: not a checkpoint")
+
+
+def test_help_lists_the_keys_with_their_comments():
+    for name in ("pretrain.py", "finetune_seg.py", "linear_probe.py"):
+        p = script(ROOT / name, "--help")
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "config keys" in p.stdout and "out_dir = " in p.stdout and "threads = 0  # torch CPU threads" in p.stdout
+
+
+def test_augment_wrappers_take_the_one_of_choice():
+    """linear_probe.py's augment_train=True passes OneOf's choice to each intensity transform (`apply=`): the
+    wrappers had lost that argument and the probe configs that set augment_train crashed with a TypeError."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 8, 8, 8) * 2 - 1
+    apply = torch.tensor([True, False, True, False])
+    for fn in (augment.gamma_contrast, augment.gaussian_sharpen, augment.gaussian_smooth, augment.gaussian_noise):
+        y = fn(x, 1.0, g, apply=apply)
+        assert torch.equal(y[1], x[1]) and torch.equal(y[3], x[3]), fn.__name__  # not chosen: untouched
+        assert not torch.equal(y[0], x[0]), fn.__name__
+
+
+@requires_shared
+def test_data_show_names_the_files_own_orientation_and_fails_on_bad_files(tmp_path):
+    from conftest import DATA
+
+    good = DATA / "msd_hippocampus" / "images" / "hippocampus_003.nii.gz"
+    las = tmp_path / "las.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(10, 10, 10).astype(np.float32), np.diag([-1.0, 1, 1, 1])), las)
+    nan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((10, 10, 10), np.nan, np.float32), np.eye(4)), nan)
+    p = script(ROOT / "data.py", "show", good, las, nan)
+    assert "file orientation LAS" in p.stdout and "after reorienting to RAS" in p.stdout
+    assert f"{nan}: " in p.stdout and "no finite voxel" in p.stdout  # the listing goes on past it
+    assert p.returncode == 1
