@@ -29,13 +29,13 @@ Injector/Extractor see the channel *average* of the ViT tokens (the injection is
 channel); the per-channel features are finally concatenated channel-major `(B, C*E, ...)` and projected back
 to E (a 1x1 conv in the adapter, Linear + GELU in the UNETR/Linear heads).
 
-Where this file deliberately differs from the reference (reference_spec.md §6.3-6.5, §9):
-  * MSDA sampling axis order (§6.5, bug #2): we sample each query at its own voxel; the reference anchors it at a
+Where this file deliberately differs from the reference:
+  * MSDA sampling axis order: we sample each query at its own voxel; the reference anchors it at a
     cyclically permuted voxel. `reference_axis_order=True` reproduces the reference for comparison.
   * Norms: GroupNorm instead of SyncBatchNorm in the SPM and on the output levels (see `norm3d`).
   * C = 1: no channel-mixing layer (the reference keeps a randomly initialised C*E -> E projection even for one
     channel); `mix_single_channel=True` restores it.
-  * Generalised what the reference hard-codes for ViT-L/16 at 112^3 (§9 #8): block groups = depth/4, UNETR and
+  * Generalised what the reference hard-codes for ViT-L/16 at 112^3: block groups = depth/4, UNETR and
     Linear layer indices from the depth, any patch size, ViT outputs resized to each level's actual size,
     ConvFFN split by the actual level shapes, position embedding through the backbone's own interpolation.
 
@@ -73,7 +73,7 @@ def reference_points(shapes, device=None, dtype=torch.float32) -> torch.Tensor:
     axes, which is what msda() expects. Grid (H, W, D) contributes ((i+.5)/H, (j+.5)/W, (k+.5)/D) for every voxel,
     flattened in C order; the grids are concatenated. -> (1, sum H*W*D, 3).
 
-    (The reference stores these as (w, h, d) and grid_sample then reads them as (d, w, h): spec §6.5.)"""
+    (The reference stores these as (w, h, d) and grid_sample then reads them as (d, w, h).)"""
     pts = []
     for H, W, D in shapes:
         axes = [(torch.arange(n, device=device, dtype=dtype) + 0.5) / n for n in (H, W, D)]
@@ -139,7 +139,7 @@ class MSDeformAttn3D(nn.Module):
     The value and output projections work at `ratio * E` channels (0.25 in 3DINO: 256 for ViT-L) split into the
     heads. Offsets are in voxels of each level, so "1" is one voxel at 1/4 and at 1/16 alike.
 
-    reference_axis_order=True feeds the reference's convention (spec §6.5): reference points and the offset
+    reference_axis_order=True feeds the reference's convention: reference points and the offset
     normaliser in (w, h, d) order, which its grid_sample call then reads as (d, w, h). Our msda() reads (h, w, d),
     so we hand it the reverse of the reference's vector. Only for comparing with reference checkpoints: it anchors
     query (i, j, k) at (h=k, w=i, d=j) (scaled by the wrong axis lengths on non-cubic grids)."""
@@ -311,7 +311,7 @@ class InteractionBlock(nn.Module):
 
 
 def _init_adapter_weights(m):
-    """Reference init of the adapter's own layers (spec §6.4): Linear trunc-normal 0.02, norms 1/0, convs
+    """Reference init of the adapter's own layers: Linear trunc-normal 0.02, norms 1/0, convs
     N(0, sqrt(2 / fan_out)) with fan_out = k^3 * out / groups, biases 0. MSDA modules are re-initialised after."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
@@ -335,7 +335,7 @@ class ViTAdapter(nn.Module):
     ViT's own blocks, position embedding and CLS token are used as they are (the backbone may be frozen; gradients
     still flow *through* it to earlier injectors). with_cp checkpoints each injector, block group and extractor
     (use_reentrant=False): activations are recomputed in backward — the reference checkpoints only the injector
-    and extractor; at 112^3 the frozen ViT-L's activations are the bigger share (spec §9 #10)."""
+    and extractor; at 112^3 the frozen ViT-L's activations are the bigger share."""
 
     def __init__(self, vit: ViT3D, in_chans: int = 1, conv_inplane: int = 32, n_points: int = 4,
                  deform_num_heads: int = 8, init_values: float = 1e-6, cffn_ratio: float = 0.25,

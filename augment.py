@@ -1,5 +1,5 @@
 """
-augment.py — 3DINO's random views, batched on (B, C, H, W, D) tensors (spec §5.4–5.8).
+augment.py — 3DINO's random views, batched on (B, C, H, W, D) tensors.
 
 One training sample of 3DINO is 10 views of one volume: 2 global crops (96³) and 8 local crops (48³), each a
 RandomResizedCrop3d (RRC3D) followed by random flips/rot90s and MONAI-1.3 intensity transforms, plus the iBOT
@@ -12,8 +12,8 @@ volume and one crop at a time). Here the work is split in two:
     read only that box from the cache     global_view_1 / global_view_2 / local_views  (batched)
                                           make_masks  ->  make_views returns the collated dict
 
-Every random draw goes through an explicit `torch.Generator` (spec §9 #5: MONAI's per-transform NumPy states
-replay the same stream in every worker). Every batched transform draws its parameters *per sample*, and each
+Every random draw goes through an explicit `torch.Generator` (MONAI's per-transform NumPy states replay the
+same stream in every worker). Every batched transform draws its parameters *per sample*, and each
 sample decides on its own whether the transform applies (`torch.rand(B) < p`), as the per-sample reference does.
 A view recipe first draws all its parameters for the whole batch on the generator's device (a CPU generator is
 the normal case, also for CUDA data), then applies them chunk by chunk (see "Plans" below). The Gaussian-noise
@@ -29,7 +29,7 @@ whole volume per sample, plus batching. What made the CPU path fast: one torch c
 log(0) in the gamma transform, cached Gibbs masks, and `keep_freed_memory` (page faults were a third of the cost).
 With a GPU, make_views runs there and the workers only read boxes; that speed is unmeasured (no GPU so far).
 
-Layout: volumes are (B, C, H, W, D); H/W in-plane, D through-plane (spec §5.3). "Spatial axis a" means tensor
+Layout: volumes are (B, C, H, W, D); H/W in-plane, D through-plane. "Spatial axis a" means tensor
 dim 2 + a, as in MONAI's `spatial_axis`.
 """
 import ctypes
@@ -76,7 +76,7 @@ def sample_crop_box(
     generator: torch.Generator,
     ratio: tuple[float, float] = (0.9, 1 / 0.9),
 ) -> tuple[int, int, int, int, int, int]:
-    """Draw one RRC3D box `(h0, w0, d0, ch, cw, cd)` inside a volume of spatial `shape = (h, w, d)` (spec §5.4).
+    """Draw one RRC3D box `(h0, w0, d0, ch, cw, cd)` inside a volume of spatial `shape = (h, w, d)`.
 
     In-plane (torchvision RandomResizedCrop, up to 10 attempts):
         area = h·w·U(a0, a1),   r = exp(U(log r0, log r1)),   cw = round(√(area·r)),   ch = round(√(area/r)),
@@ -86,7 +86,7 @@ def sample_crop_box(
     Through-plane, independently: cd = round(d · U(c0, c1)).
     Each extent is clamped to the volume (min(dim, crop), 0 -> dim) and the origin drawn uniformly over the valid
     positions, randint(0, dim − crop + 1) per axis. The crop is resized to a cube later (`resize_crops`), so
-    the physical aspect ratio is not kept (spec §9 #4).
+    the physical aspect ratio is not kept.
 
     A pure function of `generator` (CPU): the same seed gives the same box.
     """
@@ -282,7 +282,7 @@ def _symmetry_view(x, code):
 
 
 def _plan_geometric(n, g, p=0.3):
-    """Spec §5.5 geometric part after RRC3D: flips of axes 0, 1, 2, then rot90 in planes (0,1), (1,2), (0,2), each
+    """The geometric part of a view after RRC3D: flips of axes 0, 1, 2, then rot90 in planes (0,1), (1,2), (0,2), each
     with probability p (rot90: k ~ U{1, 2, 3}).
 
     The draws are those of the six separate steps (_plan_flip / _plan_rot90, in that order), but the six are
@@ -335,7 +335,7 @@ def random_rot90(x: torch.Tensor, plane: tuple[int, int], p: float, g: torch.Gen
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Intensity (MONAI 1.3 semantics, spec §5.6): a pure function with explicit per-sample parameters, then its plan.
+# Intensity (MONAI 1.3 semantics): a pure function with explicit per-sample parameters, then its plan.
 # Per-sample statistics (min, max) are over all of a sample's voxels and channels, as MONAI on one image.
 
 
@@ -591,7 +591,7 @@ def one_of_choice(n: int, n_options: int, p: float, g: torch.Generator) -> torch
 
 
 def _plan_intensity_one_of(n, g, p=0.8):
-    """Spec §5.5 "colour jitter": OneOf{gamma contrast, Gaussian noise, histogram shift}, each with p = 0.8."""
+    """A view's "colour jitter": OneOf{gamma contrast, Gaussian noise, histogram shift}, each with p = 0.8."""
     c = one_of_choice(n, 3, p, g)
     return [_plan_gamma(n, 1.0, g, apply=c == 0), _plan_noise(n, 1.0, g, apply=c == 1),
             _plan_histogram(n, 1.0, g, apply=c == 2)]
@@ -603,7 +603,7 @@ def intensity_one_of(x: torch.Tensor, g: torch.Generator, p: float = 0.8) -> tor
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# View recipes (spec §5.5 table). Inputs are resized cube batches (B, C, S, S, S); each returns a new tensor.
+# View recipes. Inputs are resized cube batches (B, C, S, S, S); each returns a new tensor.
 # All parameters of the whole recipe are drawn first (in the order of the steps), then it runs chunk by chunk.
 
 
@@ -642,7 +642,7 @@ def local_views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# iBOT masks (spec §5.7) and the assembled batch (spec §5.8)
+# iBOT masks and the assembled batch
 
 
 def make_masks(
@@ -652,7 +652,7 @@ def make_masks(
     mask_probability: float = 0.5,
     generator: torch.Generator | None = None,
 ) -> dict:
-    """iBOT patch masks for the `n_crops` global crops of a batch, 3DINO's collate (spec §5.7).
+    """iBOT patch masks for the `n_crops` global crops of a batch, 3DINO's collate.
 
     n_masked = int(n_crops · mask_probability) crops get masks, with stratified ratios covering [min, max]:
         p = linspace(min, max, n_masked + 1),   count_i = int(N · U(p_i, p_{i+1})),   i < n_masked,
@@ -696,7 +696,7 @@ def make_views(
     mask_ratio_min_max: tuple[float, float] = (0.2, 0.75),
     mask_probability: float = 0.5,
 ) -> dict:
-    """Turn raw crop regions from `data.collate_pretrain` into the training batch (spec §5.8, without fp16 cast).
+    """Turn raw crop regions from `data.collate_pretrain` into the training batch (no fp16 cast).
 
     batch: {"global_crops": [view-0 list of B (C, h, w, d) tensors, view-1 list], "local_crops": n_local lists of
     B tensors, "index": (B,)}. The crops are moved to `device` first, then resized to cubes (`resize_crops`) and

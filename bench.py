@@ -38,7 +38,7 @@ def timeit(fn, warmup=1, iters=5, device="cpu", mean=False):
 
 
 def bench_augment(args, rest):
-    """Samples/s of the batched augmentation pipeline vs the reference's per-sample structure (spec §5.4–5.8).
+    """Samples/s of the batched augmentation pipeline vs the reference's per-sample structure.
 
     One sample = 2 global (96³) + 8 local (48³) views of one volume, with iBOT masks (patch 16).
     batched   : PretrainDataset reads only the 10 crop boxes from the prepared, memory-mapped cache; collate;
@@ -149,7 +149,7 @@ def bench_augment(args, rest):
     }
 
 def bench_msda(args, rest):
-    """MSDA: the Triton kernel vs the grid_sample reference at the 3D ViT-Adapter's shapes (spec §6.4-6.5).
+    """MSDA: the Triton kernel vs the grid_sample reference at the 3D ViT-Adapter's shapes.
 
     injector: the 7^3 ViT tokens query the 3 SPM levels 28^3/14^3/7^3; extractor: the 25,039 SPM tokens query the
     7^3 ViT grid (the contention case: ~2,300 gradient contributions per value voxel). nH=8, Dh=32, P=4.

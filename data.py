@@ -6,7 +6,7 @@ data.py — volumes in, crops out: reading, the preprocessing cache, synthetic p
     python data.py prepare --datalist "/data/**/*.nii.gz" --out cache/ --workers 16   # a folder or glob works too
     python data.py show /data/mri/sub-01_T1w.nii.gz               # shape, spacing, orientation, value range
 
-The reference (spec §5.1–5.3) re-runs "load → pick a 4D frame → NaN fill → percentile scaling → axis permutation
+The reference re-runs "load → pick a 4D frame → NaN fill → percentile scaling → axis permutation
 → foreground crop" through MONAI's disk cache and then loads the *whole* cached volume for every sample, only to
 cut a box out of it. Here the deterministic part runs once (`prepare`) and writes each volume as an uncompressed
 `.npy`; the training dataset memory-maps it and reads only the voxels of the crop boxes. Resizing, flips,
@@ -16,14 +16,14 @@ Layout (STYLE.md): every array is (C, H, W, D) — the array axes of the file af
 canonical (RAS+) orientation; after `inplane_first` H and W are the in-plane (equal-spacing) pair and D the
 through-plane (slice) axis. A 3D file gives C = 1; a 4D file (time series, multi-channel) gives C = frames.
 
-What differs from the reference, on purpose (spec §9):
+What differs from the reference, on purpose:
 - #6: the reference picks one random frame of a 4D series *before* its cache, freezing it forever. `prepare`
   stores every frame as its own volume, so all of them are used.
 - #21: the reference's cache key ignores the transforms. Our index carries a hash of the preprocessing
   (`prep_version`); a cache made by other settings is rebuilt by `prepare` and flagged by `PretrainDataset`.
 - #5: the reference's 32 workers replay identical crop draws. `PretrainDataset[k]` seeds its own generator from
   (seed, rank, k), so every worker and every rank gets its own reproducible stream, whatever the worker count.
-- We reorient to RAS+ (the reference pretrains on raw file order, §9 #4); it only changes which axis is which,
+- We reorient to RAS+ (the reference pretrains on raw file order); it only changes which axis is which,
   and `inplane_first` decides the slice axis from the spacing either way.
 """
 import argparse
@@ -192,7 +192,7 @@ def describe_volume(path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Preprocessing (spec §5.2–5.3): fill -> percentile scaling -> in-plane axes first -> foreground crop
+# Preprocessing: fill -> percentile scaling -> in-plane axes first -> foreground crop
 
 
 def fill_nonfinite(x: np.ndarray) -> np.ndarray:
@@ -229,7 +229,7 @@ def normalize_percentile(x: np.ndarray, lo: float = 0.05, hi: float = 99.95) -> 
 
 
 def window(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """CT window (e.g. (−175, 250) HU for BTCV, spec §6.2): [lo, hi] -> [−1, 1], clipped, float32."""
+    """CT window (e.g. (−175, 250) HU for BTCV): [lo, hi] -> [−1, 1], clipped, float32."""
     y = (x.astype(np.float32, copy=False) - float(lo)) * (2.0 / (float(hi) - float(lo))) - 1.0
     return np.clip(y, -1.0, 1.0, out=y)
 
@@ -239,7 +239,7 @@ def is_constant(x: np.ndarray) -> bool:
 
 
 def inplane_first(x: np.ndarray, spacing, tol: float = 1e-2) -> tuple[np.ndarray, np.ndarray]:
-    """Permute the spatial axes so the two with equal spacing come first (spec §5.3).
+    """Permute the spatial axes so the two with equal spacing come first.
 
     With spacing (s0, s1, s2) and |si − sj| <= tol meaning "equal": s0≈s1 keep (0, 1, 2); elif s0≈s2 use
     (0, 2, 1); elif s1≈s2 use (1, 2, 0). Isotropic data keeps its order. If no pair matches the reference
@@ -476,7 +476,7 @@ def load_case(image, label=None, target_spacing=None, ct_window=None, crop_to_fo
         All channels must share the spatial shape and spacing. NaN/±Inf are filled per channel (`fill_nonfinite`).
     label: None; an int (a class label, returned unchanged); or a path to a label map that must be 3D (one
         channel), integer-valued, finite and of the image's spatial shape — errors name both files.
-    target_spacing: resample image (trilinear) and label (nearest) to this spacing first (spec §6.2).
+    target_spacing: resample image (trilinear) and label (nearest) to this spacing first.
     ct_window: (lo, hi) -> [−1, 1] clipped (CT); otherwise per-channel percentile scaling (lo, hi).
     crop_to_foreground: crop image and label to the box of image > −1 (any channel); the affine follows.
     Returns image (C, H, W, D) float32 in [−1, 1], label (H, W, D) int64 | int | None, spacing (3,), affine.
@@ -686,7 +686,7 @@ INT16_SCALE = 1 / 32767  # int16 storage: value = int16 · INT16_SCALE
 
 
 def prep_version(lo: float = 0.05, hi: float = 99.95, threshold: float = -1.0, dtype: str = "float16") -> str:
-    """Hash of everything that determines the cached voxels (spec §9 #21: the reference keys only on the item)."""
+    """Hash of everything that determines the cached voxels (the reference keys its cache on the item only)."""
     desc = {"version": PREP_VERSION, "orient": "RAS+", "steps": "fill_nonfinite,percentile,inplane_first,crop",
             "lo": lo, "hi": hi, "threshold": threshold, "dtype": dtype}
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:12]
@@ -739,7 +739,7 @@ def _prepare_one(job) -> tuple[list[dict], list[tuple[str, str]]]:
 def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", workers: int = 2,
             lo: float = 0.05, hi: float = 99.95, threshold: float = -1.0, retry_rejected: bool = False,
             progress: bool = True) -> dict:
-    """Preprocess every volume of `sources` once into `out_dir` (spec §5.2 steps 3–5, all frames of 4D series).
+    """Preprocess every volume of `sources` once into `out_dir` (all frames of 4D series).
 
     sources: a datalist JSON, folder, glob or list of paths (see `pretrain_sources`).
     Each frame -> `out_dir/<stem>-<hash>-f<frame>.npy` ((h, w, d) float16, or int16 = value·32767), entry in
@@ -852,7 +852,7 @@ class StepSampler(torch.utils.data.Sampler):
 class PretrainDataset(torch.utils.data.Dataset):
     """`ds[k]` -> {"global_crops": [2 × (1, h, w, d)], "local_crops": [n_local × (1, h, w, d)], "index", "k"}.
 
-    The crops are the raw voxels of RandomResizedCrop3d boxes (augment.sample_crop_box, spec §5.4) — box sizes
+    The crops are the raw voxels of RandomResizedCrop3d boxes (augment.sample_crop_box) — box sizes
     are fractions of the volume, so they differ per crop; augment.make_views resizes them to
     global_crops_size³ / local_crops_size³ on the training device (both sizes are kept here as attributes).
 
@@ -863,7 +863,7 @@ class PretrainDataset(torch.utils.data.Dataset):
       a dataset object         -> items with "image" (1, H, W, D), e.g. SyntheticVolumes(...).
     Volumes with min(shape) <= min_axis_size are dropped (cache/known shapes; reference: strict >).
 
-    Seeding (fixes spec §9 #5): k is a global sample counter per rank (use StepSampler). Volume choice: the
+    Seeding: k is a global sample counter per rank (use StepSampler). Volume choice: the
     position g = k·world_size + rank walks through per-pass permutations of all volumes (pass p = g // n seeded by
     (seed, p)), so within a pass ranks see disjoint volumes and every volume is seen once. Crop boxes (and a 4D
     frame on the raw path) come from a generator seeded by (seed, rank, k). Any worker count, any resume point,
@@ -942,7 +942,7 @@ class PretrainDataset(torch.utils.data.Dataset):
             x = self.volumes[v]["image"]
             x = np.asarray(x.numpy() if torch.is_tensor(x) else x, dtype=np.float32)
             x = x[0] if x.ndim == 4 else x
-        else:  # raw file: load, pick a frame fresh for every sample (spec §9 #6), preprocess
+        else:  # raw file: load, pick a frame fresh for every sample, preprocess
             x4, spacing, _ = load_volume(self.names[v])
             c = int(torch.randint(x4.shape[0], (1,), generator=g))
             try:
@@ -1009,7 +1009,7 @@ class PretrainDataset(torch.utils.data.Dataset):
 def collate_pretrain(samples: list[dict]) -> dict:
     """Samples -> {"global_crops": [view0: B tensors, view1: B tensors], "local_crops": [n_local lists of B],
     "index": (B,) long, "k": (B,) long}. Crops differ in size, so they stay lists; augment.make_views resizes them
-    into the reference's (2B, 1, S, S, S) / (n_local·B, 1, s, s, s) layout (view-major, then image, §5.8)."""
+    into the reference's (2B, 1, S, S, S) / (n_local·B, 1, s, s, s) layout (view-major, then image)."""
     n_local = len(samples[0]["local_crops"])
     return {"global_crops": [[s["global_crops"][i] for s in samples] for i in range(2)],
             "local_crops": [[s["local_crops"][j] for s in samples] for j in range(n_local)],

@@ -1,7 +1,7 @@
 """
 finetune_seg.py — 3D segmentation on top of a (3DINO-)pretrained ViT: a ViT-Adapter + UNETR decoder (or UNETR,
 or a linear head) trained with Dice+CE on crops, evaluated with sliding windows, reported as per-class Dice and
-HD95 with bootstrap confidence intervals (reference_spec.md §6). The defaults are the paper's BTCV recipe.
+HD95 with bootstrap confidence intervals. The defaults are the paper's BTCV recipe.
 
     python finetune_seg.py configs/seg_synthetic.py                        # CPU, ~40 s, synthetic phantoms
     python finetune_seg.py configs/seg_hippocampus.py                      # CPU ~5 min, MSD hippocampus, random init
@@ -35,7 +35,7 @@ pretrain.py does its student (same class, init scheme and LayerScale init, seede
 random arms differ in the backbone weights only — the head even starts from the same weights
 (`model.random_init_like`).
 
-Differences from the reference, on purpose (spec §9 #13): the label fraction is a seeded shuffle (the reference
+Differences from the reference, on purpose: the label fraction is a seeded shuffle (the reference
 takes the first N cases); background is excluded from every reported Dice; HD95 is computed; bf16 autocast on GPU
 (`--dtype=bfloat16` runs it on CPU too).
 
@@ -72,7 +72,7 @@ import metrics
 import model
 
 # -----------------------------------------------------------------------------
-# sliding-window inference (MONAI semantics, spec §6.7)
+# sliding-window inference (MONAI semantics)
 
 
 def importance_map(roi, blend: str = "constant", sigma_scale: float = 0.125, device=None) -> torch.Tensor:
@@ -135,7 +135,7 @@ def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: st
 
 
 # -----------------------------------------------------------------------------
-# losses (MONAI DiceLoss / DiceCELoss semantics, spec §6.6)
+# losses (MONAI DiceLoss / DiceCELoss semantics)
 
 
 def dice_loss(probs, target, squared: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
@@ -242,7 +242,7 @@ def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[
 
 def prepare_case(item, crop_size: int, target_spacing=None, ct_window=None, crop_foreground: bool = False) -> dict:
     """Load and normalise one case (data.load_case: RAS orientation, optional resampling, CT window or
-    percentile scaling; spec §6.2), optionally crop it to the foreground box (image > −1), and pad every axis
+    percentile scaling), optionally crop it to the foreground box (image > −1), and pad every axis
     to >= crop_size, centred, with −1 (the normalised background) for the image and 0 for the label.
     Returns name, image (C, H', W', D') float32, label (H', W', D') int16 or None, inner (the slices of the
     unpadded volume), spacing, affine, and what `to_input_grid` needs to undo it all."""
@@ -300,7 +300,7 @@ class TrainCrops(torch.utils.data.Dataset):
     """ds[k] -> {"image": (S, C, c, c, c), "label": (S, c, c, c)}: S crops of crop_size³ from one case.
 
     Case: the k-th entry of a seeded permutation per pass over the cases (every case once per "epoch").
-    Crops (MONAI RandCropByPosNegLabel, pos = neg = 1, spec §6.2): each is centred with probability ½ on a random
+    Crops (MONAI RandCropByPosNegLabel, pos = neg = 1): each is centred with probability ½ on a random
     foreground voxel (label > 0), else on a random background voxel inside the body (label 0, image > −1), then
     shifted to lie inside the volume; `pos_neg=False` draws uniform crops instead (RandSpatialCropSamples, BraTS).
     `cases` are prepared dicts, or raw datalist items together with `prep` (loaded on every access: slow, but no
@@ -376,7 +376,7 @@ def head_options(head: str, head_kwargs: dict) -> tuple[dict, list]:
 
 if __name__ == "__main__":
     # -----------------------------------------------------------------------------
-    # default config values: the paper's BTCV fine-tuning run (spec §6.1–6.7)
+    # default config values: the paper's BTCV fine-tuning run
     # I/O
     out_dir = "out/seg"
     eval_interval = 600  # iterations between validations (reference: eval_iters 600)

@@ -1,6 +1,6 @@
 """
-linear_probe.py — linear classification probing of a frozen 3D ViT (paper "Linear classification probing",
-reference_spec.md §7): features once, 52 linear classifiers at once, selection on validation, AUC/F1 on test.
+linear_probe.py — linear classification probing of a frozen 3D ViT (paper "Linear classification probing"):
+features once, 52 linear classifiers at once, selection on validation, AUC/F1 on test.
 
     python linear_probe.py configs/probe_synthetic.py          # CPU, ~1 min: lesion / no lesion phantoms, random ViT
     python linear_probe.py configs/probe_hippocampus.py        # CPU, ~3 min: MSD hippocampus, random ViT-S/16
@@ -26,7 +26,7 @@ The protocol (the defaults are the paper's run: batch 32, 12 500 iterations, eva
 3. 52 linear classifiers are trained jointly on the cached features, all on the same batches: 4 inputs
    (CLS of the last 1 or 4 blocks, each with or without the averaged patch tokens: E, 2E, 4E, 5E dims)
    x 13 learning rates, loss = the sum of their cross-entropies. SGD momentum 0.9, no weight decay, cosine
-   schedule to 0 over max_iters, per iteration; init N(0, 0.01), bias 0 (reference §7).
+   schedule to 0 over max_iters, per iteration; init N(0, 0.01), bias 0.
 4. Every eval_interval iterations all 52 are scored on validation (top-1 accuracy as in the reference, or macro
    AUC with select_metric="auc"); the whole set is kept whenever the best score improves. At the end that set is
    restored, the best classifier re-selected on validation (ties: the first in head order) and only it is
@@ -88,7 +88,7 @@ resize_to = ()  # () = resize the foreground crop to image_size^3 (ICBM); (H, W,
 #                 crop image_size^3 (COVID-CT-MD: (144, 144, 112)); None = no resize: pad with -1 / centre crop
 #                 to image_size^3 at the file's voxel size (keeps physical size, which a volume task needs)
 augment_train = False  # random training views (crop offset, flips, OneOf{gamma, sharpen, smooth, noise} p 0.3,
-#                        scale +-10%, shift +-0.1; reference §7); each of n_aug_views encoded once per volume
+#                        scale +-10%, shift +-0.1); each of n_aug_views encoded once per volume
 n_aug_views = 8
 # model
 pretrained = None  # a teacher export (pretrain.py) or reference 3DINO checkpoint; None = random `arch`

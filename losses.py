@@ -2,7 +2,7 @@
 The 3DINO / DINOv2 training objective: teacher-target normalisation, the DINO CLS loss, the iBOT masked-patch
 loss and the KoLeo regulariser. Pure functions on tensors; no state, no config globals.
 
-What one training step computes (3DINO paper, Methods, Eq. 1-2; reference_spec.md §3):
+What one training step computes (3DINO paper, Methods, Eq. 1-2):
 
     targets_cls   = sinkhorn_knopp(teacher CLS logits of the 2 global crops, teacher_temp)     # or softmax_center
     targets_patch = sinkhorn_knopp(teacher patch logits at the masked positions, teacher_temp)
@@ -10,7 +10,7 @@ What one training step computes (3DINO paper, Methods, Eq. 1-2; reference_spec.m
          + ibot_loss(student patch logits at the masked positions, targets_patch, ...)  # Eq. 2, per-image mean
          + 0.1 * (koleo_loss(student backbone CLS of global crop 0) + koleo_loss(... of global crop 1))
 
-Conventions (those of the reference's collate, see golden/README.md §2):
+Conventions (those of the reference's collate):
   K   number of prototypes (the head's output size, 65536 in the paper)
   B   images per GPU; every crop is a (B, K) block of logits
   global rows (2B, K) are crop-major: row r is global crop r // B of image r % B, so `.chunk(2)` gives the crops
@@ -63,7 +63,7 @@ def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3
     normalisations; the reference stops after 3 rounds, so with sharp logits the prototype marginals are only
     roughly uniform, while the row sums are exactly 1 (the last step normalises the rows).
 
-    Recipe (reference_spec.md §3.1), in fp32, Q = P^T (K, n):
+    Recipe, in fp32, Q = P^T (K, n):
         Q = exp((T - max_rows T) / teacher_temp)^T            max per prototype, over all ranks
         Q /= sum(Q)                                         total over all ranks
         repeat n_iters times:

@@ -4,7 +4,7 @@ model.py — the 3D Vision Transformer of 3DINO, its DINO/iBOT projection heads,
 A plain pre-norm ViT (Dosovitskiy et al.) whose patches are 3D cubes, with the DINOv2 details 3DINO keeps:
 a CLS token, a learnable mask token (iBOT), LayerScale, stochastic depth, LayerNorm eps 1e-6, exact GELU, and a
 position embedding learned for one cubic grid and re-interpolated trilinearly for any other input size.
-The semantics follow the reference implementation (../shared/docs/reference_spec.md §2) closely enough that its
+The semantics follow the reference implementation closely enough that its
 teacher checkpoints load (see `load_pretrained`) and reproduce its outputs (tests/test_model.py, golden files).
 
 Tensor legend (used in every shape comment of this repo):
@@ -127,7 +127,7 @@ def _interp_matrix(n_out: int, n_in: int, scale: float) -> torch.Tensor:
     mode="trilinear", align_corners=False)` applies along one axis *on CPU*: output index j reads source
     coordinate src = max(0, (j + 0.5) / scale - 0.5), split between floor(src) and min(floor(src) + 1, n_in - 1).
     Where n_out == n_in the CPU kernel copies (ignores `scale`), the CUDA kernel does not; we reproduce the CPU
-    behaviour on every device, so a model gives the same numbers on CPU and GPU (golden README §1.4)."""
+    behaviour on every device, so a model gives the same numbers on CPU and GPU."""
     if n_out == n_in:
         return torch.eye(n_in, dtype=torch.float64)
     src = ((torch.arange(n_out, dtype=torch.float64) + 0.5) / scale - 0.5).clamp(min=0)
@@ -212,7 +212,7 @@ class ViT3D(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # reference §2.6: timm-style trunc-normal(0.02) on Linear layers, pos 0.02, cls N(0, 1e-6), mask token 0;
+        # the reference's init: timm-style trunc-normal(0.02) on Linear layers, pos 0.02, cls N(0, 1e-6), mask token 0;
         # the patch-embedding Conv3d keeps PyTorch's default init.
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -306,7 +306,7 @@ class ViT3D(nn.Module):
     @torch.no_grad()
     def get_last_self_attention(self, x):
         """Softmax attention (B, nh, 1 + N, 1 + N) of the *final* block (token 0 is CLS). The paper's Fig. 1c
-        shows the CLS row of it; the reference's tool actually returns an earlier block (spec §9 #1)."""
+        shows the CLS row of it; the reference's tool actually returns an earlier block."""
         x = self.prepare_tokens_with_masks(x)
         x = self._run_blocks(x, self.blocks[:-1])
         last = self.blocks[-1]
@@ -361,7 +361,7 @@ class WeightNormLinear(nn.Module):
 
 class DINOHead(nn.Module):
     """MLP (in -> hidden -> hidden -> bottleneck, GELU between) -> L2 normalise -> weight-normed linear to K
-    prototypes (spec §2.8). The same class serves as DINO head (on CLS) and iBOT head (on patch tokens)."""
+    prototypes. The same class serves as DINO head (on CLS) and iBOT head (on patch tokens)."""
 
     def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  nlayers: int = 3):
@@ -418,7 +418,7 @@ def split_checkpoint(obj) -> dict:
     (chunked block keys `blocks.{c}.{i}.…`), our full training checkpoint {"teacher": …, "student": …, …}
     (the teacher is used), our teacher export {"teacher": …, "model_args": …}, {"model": sd}, or a bare backbone
     state dict. Prefixes `module.` (DDP) and `_orig_mod.` (torch.compile) are stripped; chunked block keys are
-    flattened (`blocks.1.6.attn…` -> `blocks.6.attn…`, spec §2.5); `last_layer.parametrizations.weight.original0/1`
+    flattened (`blocks.1.6.attn…` -> `blocks.6.attn…`); `last_layer.parametrizations.weight.original0/1`
     (new weight_norm API) become `weight_g/weight_v`. Keys that fit nowhere are kept under "unexpected"."""
     sd = obj
     for key in ("teacher", "model", "state_dict"):

@@ -16,7 +16,7 @@ Shapes (B batch, Q queries, nH heads, Dh channels per head, L levels, P points p
     attention_weights   (B, Q, nH, L, P)     usually a softmax over L*P (not required here)
     -> output           (B, Q, nH*Dh)
 
-Axis convention (reference_spec.md §6.5, bug #2): grid_sample reads grid component 0 along the *last* axis.
+Axis convention: grid_sample reads grid component 0 along the *last* axis.
 The reference 3DINO fed (w, h, d) and so anchored every query at a cyclically permuted voxel. Here the caller
 always speaks (h, w, d) and msda_reference reverses to grid_sample's (x, y, z) = (d, w, h) itself.
 A voxel-centre location ((i+.5)/H, (j+.5)/W, (k+.5)/D) returns voxel (i, j, k) exactly; tests pin this.

@@ -2,7 +2,7 @@
 pretrain.py — 3DINO self-supervised pretraining (DINOv2 on 3D volumes): one script, top to bottom.
 
 The defaults are the paper's standard run: ViT-L/16, 2 x 96^3 global + 8 x 48^3 local crops, 125k iterations,
-global batch 512 (reference_spec.md §1, §4). Run it as
+global batch 512. Run it as
 
     python pretrain.py configs/pretrain_demo.py                      # CPU demo: synthetic phantoms, ~6 minutes
     python pretrain.py configs/pretrain_demo.py --max_iters=20 --out_dir=out/try   # any key, on the command line
@@ -10,7 +10,7 @@ global batch 512 (reference_spec.md §1, §4). Run it as
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pretrain.py configs/pretrain_vitl.py
     python pretrain.py configs/pretrain_vitl_highres.py --init_from=out/vitl/teacher_backbone.pt   # stage 2
 
-One step (paper Eq. 1-2, spec §4.1):
+One step (paper Eq. 1-2):
     teacher (EMA of the student, no grad) sees the 2 global crops  -> CLS targets (Sinkhorn-Knopp) and patch targets
     student sees all crops, with iBOT masks on half of the global crops
     loss = DINO(CLS, 18 crop pairs) + iBOT(masked patches) + 0.1 KoLeo(student CLS)
@@ -76,7 +76,7 @@ head_n_prototypes = 65536  # K of both the DINO and the (separate) iBOT head
 head_hidden_dim = 2048
 head_bottleneck_dim = 256
 head_nlayers = 3
-# crops (spec §5.4): in-plane *area* fraction and through-plane *length* fraction, drawn independently
+# crops: in-plane *area* fraction and through-plane *length* fraction, drawn independently
 global_crops_size = 96
 local_crops_size = 48
 n_local_crops = 8
@@ -168,7 +168,7 @@ if master_process:
     print(f"world_size {world_size}, {micro_batch} images per rank per micro-step, {grad_accum_steps} micro-steps")
 
 # -----------------------------------------------------------------------------
-# schedules: per-iteration arrays a reader can print (spec §4.2)
+# schedules: per-iteration arrays a reader can print
 
 
 def cosine_schedule(base, final, total, warmup=0, start_warmup=0.0, freeze=0):
@@ -246,7 +246,7 @@ class SSLStudent(nn.Module):
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
 student = SSLStudent(build_backbone(drop_path_rate))
 if init_from:
-    # high-res adaptation (spec §4.7): the stage-1 teacher (backbone + both heads) into the student, the position
+    # high-res adaptation: the stage-1 teacher (backbone + both heads) into the student, the position
     # embedding resized to the new crop grid; the teacher is then a copy of the student, optimizer and every
     # schedule start from scratch
     model.load_pretrained(student.backbone, init_from, dino_head=student.dino_head, ibot_head=student.ibot_head)
@@ -259,7 +259,7 @@ student.to(device)
 teacher.to(device)
 
 # -----------------------------------------------------------------------------
-# optimizer: AdamW with the reference's parameter groups (spec §4.3)
+# optimizer: AdamW with the reference's parameter groups
 
 
 def param_groups(module):

@@ -16,13 +16,13 @@ Outputs (every NIfTI has the input file's shape and affine, so it overlays the i
     montage.png     rows: axial / coronal / sagittal planes through the foreground centre; columns: image,
                     PCA RGB, attention (mean over heads, or --head k) as a black-red-yellow-white heat map
 
-What the paper (Fig. 1) and the reference's `vis` tool do (../shared/docs/reference_spec.md §8), and how we differ:
+What the paper (Fig. 1) and the reference's `vis` tool do, and how we differ:
 - PCA "fitted per image, first component thresholds the background, next three -> RGB". The reference's notebook
   thresholds PC0 > 0.5 after min-max scaling and says the sign and threshold "must be adjusted per image": a PCA
   component's sign is arbitrary. We fix the sign of PC1 so that it correlates positively with the mean image
   intensity per patch (foreground = brighter than the air / padding at -1); then the reference's rule (midpoint
   of PC1's range, `fg_threshold` = 0.5 after min-max scaling) works without per-image tuning.
-- Attention: the reference returns block 4 of 24 although the paper says "final layer" (spec §9 #1); we take the
+- Attention: the reference returns block 4 of 24 although the paper says "final layer"; we take the
   final block (as `model.get_last_self_attention`), computing only the CLS query's row so that large volumes
   do not need the (nh, N, N) matrix.
 - Preprocessing as the reference: percentile scaling to [-1, 1], crop to the foreground box enlarged to a
@@ -314,30 +314,73 @@ def _tile(vol: np.ndarray, axis: int, index: int, spacing, mm_per_px: float) -> 
     return plane[np.ix_(*idx)]
 
 
+# a 3x5 pixel font for the montage's titles (row-major bits; only the characters the titles use)
+_GLYPHS = {"A": "010101111101101", "C": "011100100100011", "E": "111100110100111", "G": "011100101101011",
+           "I": "111010010010111", "L": "100100100100111", "M": "101111111101101", "N": "110101101101101",
+           "O": "010101101101010", "P": "110101110100100", "R": "110101110101101", "S": "011100010001110",
+           "T": "111010010010010", "X": "101101010101101", "0": "111101101101111", "1": "010110010010111",
+           " ": "000000000000000"}
+
+
+def text(s: str, scale: int = 2) -> np.ndarray:
+    """Black text on white, uint8 (5*scale, 4*scale*len(s) - scale, 3)."""
+    cols = []
+    for ch in s.upper():
+        g = np.array([int(b) for b in _GLYPHS[ch]], np.uint8).reshape(5, 3)
+        cols += [g, np.zeros((5, 1), np.uint8)]
+    bits = np.concatenate(cols[:-1], axis=1).repeat(scale, 0).repeat(scale, 1)
+    return np.repeat((255 * (1 - bits))[..., None], 3, -1).astype(np.uint8)
+
+
+def _place(canvas, img, y, x):
+    h, w = min(img.shape[0], canvas.shape[0] - y), min(img.shape[1], canvas.shape[1] - x)
+    canvas[y:y + h, x:x + w] = img[:h, :w]
+
+
 def montage(image: np.ndarray, rgb: np.ndarray, attn_map: np.ndarray, spacing=(1, 1, 1), center=None,
-            tile: int = 160, gutter: int = 2) -> np.ndarray:
-    """uint8 (rows, cols, 3): rows axial / coronal / sagittal, columns image (grey), PCA RGB, attention (heat).
+            tile: int = 160, gutter: int = 2, return_boxes: bool = False):
+    """uint8 (rows, cols, 3): rows axial / coronal / sagittal, columns image (grey), PCA RGB, attention (heat),
+    with row and column titles and a 0..1 colour bar under the attention column.
 
     image (H, W, D) in [-1, 1], rgb (H, W, D, 3) uint8, attn_map (H, W, D) in [0, 1]; planes through `center`
-    (default: the volume centre); the longest physical side of the volume gets `tile` pixels; white gutters."""
+    (default: the volume centre); the longest physical side of the volume gets `tile` pixels. Every cell of a
+    column has the same width (a plane narrower than the widest is centred in it), so columns line up for
+    non-cubic volumes. return_boxes: also {(row, col): (y, x, height, width)} of every tile in the picture."""
     spacing = np.asarray(spacing, np.float64)
     center = np.array(image.shape) // 2 if center is None else np.asarray(center, int)
     mm_per_px = float((np.array(image.shape) * spacing).max()) / tile
     # colour maps per column, applied to the cut planes only (a whole CT through heat() would take GBs)
     colour = [lambda t: np.repeat(np.rint((np.clip(t, -1, 1) + 1) * 127.5).astype(np.uint8)[..., None], 3, -1),
               lambda t: t, heat]
-    rows = []
-    for axis in (2, 1, 0):  # RAS+: axial = fixed D (S), coronal = fixed W (A), sagittal = fixed H (R)
-        tiles = [f(_tile(v, axis, int(center[axis]), spacing, mm_per_px))  # (rows, cols, 3) uint8
-                 for v, f in zip((image, rgb, attn_map), colour)]
-        gap = np.full((tiles[0].shape[0], gutter, 3), 255, np.uint8)
-        rows.append(np.concatenate([gap, tiles[0], gap, tiles[1], gap, tiles[2], gap], axis=1))
-    width = max(r.shape[1] for r in rows)
-    out = [np.full((gutter, width, 3), 255, np.uint8)]
-    for r in rows:  # rows of different widths (planes of different sizes) are padded white on the right
-        out += [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0)), constant_values=255),
-                np.full((gutter, width, 3), 255, np.uint8)]
-    return np.concatenate(out, axis=0)
+    planes = [[f(_tile(v, axis, int(center[axis]), spacing, mm_per_px)) for v, f in zip((image, rgb, attn_map), colour)]
+              for axis in (2, 1, 0)]  # RAS+: axial = fixed D (S), coronal = fixed W (A), sagittal = fixed H (R)
+    scale = 2 if tile >= 100 else 1
+    row_titles = [text(t, scale) for t in ("axial", "coronal", "sagittal")]
+    col_titles = [text(t, scale) for t in ("image", "pca", "attention")]
+    cell_w = max(max(p[0].shape[1] for p in planes), max(t.shape[1] for t in col_titles))
+    left = max(t.shape[1] for t in row_titles) + 2 * gutter
+    top = col_titles[0].shape[0] + 2 * gutter
+    bar_h = 3 * scale
+    heights = [p[0].shape[0] for p in planes]
+    H = top + sum(heights) + gutter * (len(planes) + 1) + bar_h + 2 * gutter + 5 * scale + gutter
+    Wd = left + 3 * (cell_w + gutter) + gutter
+    pic = np.full((H, Wd, 3), 255, np.uint8)
+    boxes = {}
+    for c, t in enumerate(col_titles):
+        _place(pic, t, gutter, left + gutter + c * (cell_w + gutter) + (cell_w - t.shape[1]) // 2)
+    y = top + gutter
+    for r, (tiles, t) in enumerate(zip(planes, row_titles)):
+        _place(pic, t, y + (heights[r] - t.shape[0]) // 2, gutter)
+        for c, tl in enumerate(tiles):
+            x = left + gutter + c * (cell_w + gutter) + (cell_w - tl.shape[1]) // 2
+            _place(pic, tl, y, x)
+            boxes[(r, c)] = (y, x, tl.shape[0], tl.shape[1])
+        y += heights[r] + gutter
+    x0 = left + gutter + 2 * (cell_w + gutter)  # the colour bar: attention 0 (left) .. 1 (right)
+    pic[y + gutter:y + gutter + bar_h, x0:x0 + cell_w] = heat(np.linspace(0, 1, cell_w))[None]
+    _place(pic, text("0", scale), y + 2 * gutter + bar_h, x0)
+    _place(pic, text("1", scale), y + 2 * gutter + bar_h, x0 + cell_w - 3 * scale)
+    return (pic, boxes) if return_boxes else pic
 
 
 # -----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# The paper's COVID-CT-MD setting (reference_spec.md §7): 3 classes, chest CT, ViT-L/16 at 112^3.
+# The paper's COVID-CT-MD setting: 3 classes, chest CT, ViT-L/16 at 112^3.
 # The datalist is the reference's JSON: {"training", "validation", "test"} lists of
 # {"image": "path/to/case.nii.gz", "label": 0 | 1 | 2}  (Normal -> 0, COVID-19 -> 1, Cap -> 2).
 #   python linear_probe.py configs/probe_covid.py --datalist=covid.json --pretrained=3dino_vitl.pth

@@ -1,4 +1,4 @@
-# The paper's ICBM brain-age setting (reference_spec.md §7): T1 MRI, 4 age classes, ViT-L/16 at 112^3.
+# The paper's ICBM brain-age setting: T1 MRI, 4 age classes, ViT-L/16 at 112^3.
 # The datalist is the reference's JSON: {"training", "validation", "test"} lists of
 # {"image": "path/to/subject.nii.gz", "label": k} with ages 20-60 binned [20,30) -> 0, [30,40) -> 1, [40,50) -> 2,
 # [50,60] -> 3 (the reference skull-strips with *_mask.nii.gz first; do that when writing the datalist).

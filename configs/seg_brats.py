@@ -1,4 +1,4 @@
-# BraTS brain tumours (4 MRI modalities), the paper's settings (spec §6.1-6.2, 6.6-6.7), e.g. on 4 GPUs:
+# BraTS brain tumours (4 MRI modalities), the paper's settings, e.g. on 4 GPUs:
 #   torchrun --standalone --nproc_per_node=4 finetune_seg.py configs/seg_brats.py --datalist=/data/brats/datalist.json \
 #       --pretrained=teacher_checkpoint.pth
 # Datalist items: {"image": [t1, t1ce, t2, flair] (or "image1".."image4"), "label": seg}. The three sigmoid
@@ -7,7 +7,7 @@ out_dir = "out/seg_brats"
 datalist = "data/brats/datalist.json"
 in_chans = 4  # every case must have exactly 4 channels (checked up front)
 num_classes = 4  # label values 0..3 (BraTS 2021 with ET relabelled 4 -> 3: 1 NCR, 2 ED, 3 ET)
-regions = [[1, 3], [1, 2, 3], [3]]  # TC, WT, ET (spec §6.2). Raw BraTS 2021 files (ET = 4): [[1, 4], [1, 2, 4], [4]]
+regions = [[1, 3], [1, 2, 3], [3]]  # TC, WT, ET. Raw BraTS 2021 files (ET = 4): [[1, 4], [1, 2, 4], [4]]
 # with num_classes = 5; MSD Task01 (1 edema, 2 non-enhancing, 3 enhancing): [[2, 3], [1, 2, 3], [3]]
 class_names = ["TC", "WT", "ET"]
 loss = "sigmoid_dice"  # Dice(sigmoid, squared_pred, smooth_nr 0, smooth_dr 1e-5) on the 3 regions

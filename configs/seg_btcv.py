@@ -1,4 +1,4 @@
-# BTCV multi-organ CT (13 organs + background), the paper's settings (spec §6.1-6.2, 6.6-6.7) on one GPU:
+# BTCV multi-organ CT (13 organs + background), the paper's settings on one GPU:
 #   python finetune_seg.py configs/seg_btcv.py --datalist=/data/btcv/datalist.json --pretrained=teacher_checkpoint.pth
 # The datalist holds {"training", "validation", "test"} lists of {"image", "label"} (a MONAI-style dataset_0.json
 # without "test" works too: the test pass then reports the validation cases). The paper's "Random" baseline (a

@@ -11,10 +11,11 @@ experiments/label_efficiency.py — the paper's Fig. 2 protocol at laptop scale,
    from (a) the pretrained teacher and (b) random init of its architecture (`--pretrained=<teacher>
    --random_init=True`: the same ViT, initialised as the pretraining's student was at step 0, the same head init)
    — same split, same label subsets, same seeds:
-     linear   the frozen backbone + the paper's linear decoder        (--head=linear)
+     linear   the frozen backbone + the paper's linear decoder        (configs/seg_hippocampus_linear.py: 0.5 mm)
      adapter  the frozen backbone + ViT-Adapter + UNETR decoder       (the config's head)
      unetr    UNETR, backbone and decoder tuned end to end            (--head=unetr --freeze_backbone=False)
-   (all with the config's optimiser settings: 300 steps, lr 1e-3, chosen for the adapter and not re-tuned);
+   (adapter and UNETR with the config's optimiser settings: 300 steps, lr 1e-3, chosen for the adapter and not
+   re-tuned; the linear decoder with its own, chosen on validation Dice in experiments/README.md);
 4. linear-probe the same two backbones on the derived classification task (configs/probe_hippocampus.py);
 5. print and save (out/label_efficiency/summary.{json,md}) one row per (protocol, label fraction): test Dice
    (mean over cases of the foreground classes) with 95% bootstrap CIs for pretrained and random init, and the
@@ -41,7 +42,8 @@ import data  # noqa: E402
 import metrics  # noqa: E402
 
 PROTOCOLS = {  # name -> (what, finetune_seg.py options on top of configs/seg_hippocampus.py); the paper's three
-    "linear": ("frozen ViT + linear decoder", ["--head=linear"]),
+    # the linear decoder at 0.5 mm, Dice loss, lr 1e-2, 1000 steps (why: configs/seg_hippocampus_linear.py)
+    "linear": ("frozen ViT + linear decoder (0.5 mm)", ["configs/seg_hippocampus_linear.py"]),
     "adapter": ("frozen ViT + ViT-Adapter/UNETR decoder", []),  # the config's head (vit_adapter_unetr)
     "unetr": ("UNETR tuned end to end", ["--head=unetr", "--freeze_backbone=False"]),
 }

@@ -209,7 +209,7 @@ def test_extractor_query_samples_its_own_voxel_centre():
 
 
 def test_reference_axis_order_anchors_queries_at_permuted_voxels():
-    # the reference's convention (spec §6.5): on a cubic grid, query (i, j, k) reads voxel (h=k, w=i, d=j)
+    # the reference's convention: on a cubic grid, query (i, j, k) reads voxel (h=k, w=i, d=j)
     E, size = 128, (64, 64, 64)
     a = ViTAdapter(tiny_vit(16, embed_dim=E), reference_axis_order=True)
     grid, c_shapes, (ref, shapes, starts), _ = a.deform_inputs(size)

@@ -362,7 +362,7 @@ def test_make_masks(n_crops, grid, upperbound):
     sorted_counts = torch.sort(counts[counts > 0]).values.numpy()
     assert (sorted_counts >= np.floor(N * probs[:-1]) - 1e-9).all() and (sorted_counts <= np.floor(N * probs[1:])).all()
     if upperbound is not None:
-        assert m["upperbound"] == upperbound  # the spec's numbers (§5.7)
+        assert m["upperbound"] == upperbound  # the reference's numbers
     assert m["upperbound"] == sum(int(N * p) for p in probs[1:])
     # the flat lists are consistent with the masks
     M = int(counts.sum())

@@ -700,7 +700,7 @@ def test_end_to_end_real_hippocampus_to_reference_batch(tmp_path):
         pytest.skip("augment.make_views not written yet")
     out = augment.make_views(batch, global_size=96, local_size=48, patch_size=16,
                              generator=torch.Generator().manual_seed(0), device="cpu")
-    assert out["global_crops"].shape == (2 * B, 1, 96, 96, 96)  # spec §5.8 layout
+    assert out["global_crops"].shape == (2 * B, 1, 96, 96, 96)  # the reference's layout
     assert out["local_crops"].shape == (n_local * B, 1, 48, 48, 48)
     assert out["masks"].shape == (2 * B, 216) and out["masks"].dtype == torch.bool
     assert int(out["n_masked_patches"]) == out["mask_indices_list"].numel() == out["masks"].sum()

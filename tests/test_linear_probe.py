@@ -209,3 +209,13 @@ def test_unreadable_volume(tmp_path):
         (folder / "v05.npy").write_bytes(b"this is not a volume")
 
     fails_before_backbone(tmp_path, SPLITS, r"v05\.npy: unreadable", exc=data.VolumeError, edit=corrupt)
+
+
+def test_augment_train_runs(tmp_path):
+    """augment_train=True (set by configs/probe_covid.py and probe_icbm.py) draws random training views through
+    augment.py's intensity transforms; it crashed with a TypeError when their wrappers lost `apply=`."""
+    dl = write_datalist(tmp_path / "vols", SPLITS)
+    g, n_encoded = run_probe(f"--datalist={dl}", f"--out_dir={tmp_path / 'out'}", "--n_runs=1", "--max_iters=20",
+                             "--augment_train=True", "--n_aug_views=2", *TINY)
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["augment_train"] is True
+    assert n_encoded == 16 + 8 * 2  # the fixed view of all 16 cases, and two random views of the 8 training ones

@@ -45,7 +45,7 @@ def test_constructor_shapes_cubic_and_noncubic(name, E):
 
 
 def test_parameter_counts_match_reference():
-    # reference_spec §2.1: ViT-L/16 backbone with a 112^3 pos-embed grid has 306,910,208 parameters
+    # the reference's count: ViT-L/16 backbone with a 112^3 pos-embed grid has 306,910,208 parameters
     with torch.device("meta"):  # counting needs shapes only
         assert sum(p.numel() for p in model.vit_large(img_size=112).parameters()) == 306_910_208
         assert sum(p.numel() for p in model.vit_large(img_size=96).parameters()) == 306_780_160

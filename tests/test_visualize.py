@@ -179,14 +179,27 @@ def test_montage_orientation_and_size():
     img = -np.ones((10, 12, 8), np.float32)
     img[9, 11, 4] = 1.0  # max R, max A, mid S
     rgb = np.zeros(img.shape + (3,), np.uint8)
-    pic = visualize.montage(img, rgb, np.zeros(img.shape), spacing=(1.0, 1.0, 3.0), center=(5, 6, 4), tile=48)
+    pic, boxes = visualize.montage(img, rgb, np.zeros(img.shape), spacing=(1.0, 1.0, 3.0), center=(5, 6, 4),
+                                   tile=48, return_boxes=True)
     assert pic.dtype == np.uint8 and pic.ndim == 3
     assert (pic[:2] == 255).all() and (pic[:, :2] == 255).all()  # white gutters
     # axial tile: 12 A-rows x 10 R-columns at 48 / 24 mm = 2 px per mm -> 24 x 20 px, voxel at the top-left 2x2
-    tile = pic[2:2 + 24, 2:2 + 20, 0]
+    y, x, h, w = boxes[(0, 0)]
+    assert (h, w) == (24, 20)
+    tile = pic[y:y + h, x:x + w, 0]
     assert (tile[:2, :2] == 255).all() and (tile[2:, :] == 0).all() and (tile[:, 2:] == 0).all()
-    # coronal row: 8 S-rows of 3 mm -> 48 px tall
-    assert (pic[2 + 24 + 2:2 + 24 + 2 + 48, 2:22, 0] == 0).all() and pic[2 + 24 + 2 + 48, 2, 0] == 255
+    # coronal row: 8 S-rows of 3 mm -> 48 px tall, 20 wide; sagittal 48 x 24 (A-P across)
+    assert boxes[(1, 0)][2:] == (48, 20) and boxes[(2, 0)][2:] == (48, 24)
+    y, x, h, w = boxes[(1, 0)]
+    assert (pic[y:y + h, x:x + w, 0] == 0).all() and pic[y + h, x, 0] == 255
+    # columns line up: every cell of a column has the same centre, whatever the plane's width
+    for c in range(3):
+        centres = {boxes[(r, c)][1] + boxes[(r, c)][3] / 2 for r in range(3)}
+        assert max(centres) - min(centres) <= 0.5, centres
+    # titles (black pixels above the first row, left of the tiles) and the colour bar under the attention column
+    assert (pic[:boxes[(0, 0)][0], :, 0] == 0).any() and (pic[:, :boxes[(2, 0)][1], 0] == 0).any()
+    bar = pic[boxes[(2, 2)][0] + boxes[(2, 2)][2]:, boxes[(2, 2)][1] - 20:]
+    assert ((bar[..., 0] == 255) & (bar[..., 1] > 0) & (bar[..., 1] < 255) & (bar[..., 2] == 0)).any()  # orange
     assert visualize.heat(np.array([0.0, 1.0])).tolist() == [[0, 0, 0], [255, 255, 255]]
 
 
