@@ -292,8 +292,8 @@ def ibot_loss(
     the reference's `iBOTPatchLoss.forward_masked` (which divides by masks.shape[0]) times its training-step
     scaling (x2 loss_scales x 1/2 per global crop = x1). The reference *logs* L / 2.
 
-    Deviation from the issue text: the divisor is named `n_crops`, not `n_global_crops`, because it is the
-    number of global-crop *rows* the masks were drawn for -- masks.shape[0] = n_global_crops * B = 2B (8 in the
+    The divisor is named `n_crops`, not `n_global_crops`, because it is the number of global-crop *rows* the
+    masks were drawn for -- masks.shape[0] = n_global_crops * B = 2B (8 in the
     golden file) -- not the number of global crops per image (2). Passing 2 would scale the loss by B.
 
     Args:

@@ -6,7 +6,7 @@ global batch 512. Run it as
 
     python pretrain.py configs/pretrain_demo.py                      # CPU demo: synthetic phantoms, ~6 minutes
     python pretrain.py configs/pretrain_demo.py --max_iters=20 --out_dir=out/try   # any key, on the command line
-    torchrun --standalone --nproc_per_node=8 pretrain.py configs/pretrain_vitl.py --data=cache/   # one node
+    torchrun --standalone --nproc_per_node=8 pretrain.py configs/pretrain_vitl.py --data_path=cache/   # one node
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_endpoint=HOST:29500 pretrain.py configs/pretrain_vitl.py
     python pretrain.py configs/pretrain_vitl_highres.py --init_from=out/vitl/teacher_backbone.pt   # stage 2
 
@@ -42,7 +42,7 @@ import augment
 import losses
 import metrics
 import model
-from data import PretrainDataset, StepSampler, collate_pretrain  # (the config key `data` takes the module's name)
+from data import PretrainDataset, StepSampler, collate_pretrain
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's standard (stage-1) pretraining run
@@ -58,7 +58,7 @@ visualize_at_end = False  # write a PCA/attention montage of one volume with the
 eval_at_end = False  # evaluate.py: the final teacher vs its random init on held-out labelled phantoms -> eval.json
 seed = 0
 # data
-data = ""  # a prepared cache folder, a datalist JSON, a folder or glob of volumes; "" = synthetic phantoms
+data_path = ""  # a prepared cache folder, a datalist JSON, a folder or glob of volumes; "" = synthetic phantoms
 num_workers = 4  # DataLoader workers per rank (they only read crop regions; augmentation runs on the device)
 min_axis_size = 24  # drop volumes whose smallest axis is <= this (reference: data_min_axis_size)
 batches_from = None  # a .pt list of stored make_views outputs, one per micro-step (tests: the reference trajectory),
@@ -178,10 +178,6 @@ def cosine_schedule(base, final, total, warmup=0, start_warmup=0.0, freeze=0):
     return np.concatenate([np.zeros(freeze), np.linspace(start_warmup, base, warmup), cos])
 
 
-def at(schedule, it):
-    return float(schedule[it]) if it < len(schedule) else float(schedule[-1])  # past the end: the final value
-
-
 lr = base_lr * math.sqrt(batch_size / 1024)  # the sqrt_wrt_1024 scaling rule
 lr_schedule = cosine_schedule(lr, min_lr, max_iters, warmup=min(warmup_iters, max_iters))
 wd_schedule = cosine_schedule(weight_decay, weight_decay_end, max_iters)
@@ -198,7 +194,7 @@ last_layer_lr_schedule[:freeze_last_layer_iters] = 0  # the heads' last layer is
 
 def make_loader(start_step):
     dataset = PretrainDataset(
-        data or None, global_crops_size, local_crops_size, n_local_crops,
+        data_path or None, global_crops_size, local_crops_size, n_local_crops,
         global_crops_in_slice_scale, global_crops_cross_slice_scale,
         local_crops_in_slice_scale, local_crops_cross_slice_scale,
         min_axis_size=min_axis_size, seed=seed, rank=rank, world_size=world_size)
@@ -223,8 +219,9 @@ def build_backbone(drop_path):
     return model.ViT3D(embed_dim=embed_dim, depth=depth, num_heads=num_heads, **kw)
 
 
-class SSLStudent(nn.Module):
-    """The three student modules behind one forward, so DDP sees every parameter used in one call."""
+class MultiCropModel(nn.Module):
+    """Backbone + DINO head + iBOT head, the student and (a copy, updated by EMA only) the teacher. The student
+    runs all of its crops through one forward, so DDP sees every parameter used in one call."""
 
     def __init__(self, backbone):
         super().__init__()
@@ -244,7 +241,7 @@ class SSLStudent(nn.Module):
 
 
 torch.manual_seed(seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's at wrap time)
-student = SSLStudent(build_backbone(drop_path_rate))
+student = MultiCropModel(build_backbone(drop_path_rate))
 if init_from:
     # high-res adaptation: the stage-1 teacher (backbone + both heads) into the student, the position
     # embedding resized to the new crop grid; the teacher is then a copy of the student, optimizer and every
@@ -252,7 +249,7 @@ if init_from:
     model.load_pretrained(student.backbone, init_from, dino_head=student.dino_head, ibot_head=student.ibot_head)
     if master_process:
         print(f"initialised student and teacher from {init_from}")
-teacher = SSLStudent(build_backbone(0.0))  # no drop path in the teacher
+teacher = MultiCropModel(build_backbone(0.0))  # no drop path in the teacher
 teacher.load_state_dict(student.state_dict())
 teacher.requires_grad_(False).eval()  # the teacher only ever moves by EMA
 student.to(device)
@@ -401,7 +398,7 @@ img_flops = flops_per_image(raw_student.backbone)
 
 
 def teacher_targets(views_list, temp):
-    """Teacher forward over every micro-batch of this step. Choice (issue 5): the DINO CLS targets are normalised
+    """Teacher forward over every micro-batch of this step. The DINO CLS targets are normalised
     over the whole global batch — all micro-batches, all ranks — exactly as the reference's 4-GPU run normalises
     over its 512 images, because Sinkhorn-Knopp's equal-prototype constraint needs many rows and a micro-batch
     may hold only a few images. The iBOT targets are normalised per micro-batch (all ranks): a micro-batch already
@@ -444,15 +441,13 @@ def stop_nonfinite(it, what):
 
 
 def export_teacher(step):
-    sd = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}
-    sd = {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+    sd = {k: v.detach().cpu() for k, v in teacher.state_dict().items()}  # (blocks compile in place: plain keys)
     save_atomic({"teacher": sd, "model_args": raw_student.backbone.args, "step": step, "config": config},
                 os.path.join(out_dir, "teacher_backbone.pt"))
 
 
 def save_checkpoint(step):
-    strip = lambda sd: {k.replace("_orig_mod.", ""): v for k, v in sd.items()}  # noqa: E731
-    save_atomic({"student": strip(raw_student.state_dict()), "teacher": strip(teacher.state_dict()),
+    save_atomic({"student": raw_student.state_dict(), "teacher": teacher.state_dict(),
                  "optimizer": optimizer.state_dict(), "centers": centers, "step": step, "config": config},
                 ckpt_path)
 
@@ -481,9 +476,9 @@ for it in range(start_step, max_iters):
     torch.manual_seed(seed + 7919 * rank + 1_000_003 * it)
     gen = torch.Generator(device="cpu").manual_seed(seed + 104_729 * rank + 15_485_863 * it)
     # schedules for this step
-    lr_now, wd_now = at(lr_schedule, it), at(wd_schedule, it)
-    mom_now, temp_now = at(momentum_schedule, it), at(teacher_temp_schedule, it)
-    last_lr_now = at(last_layer_lr_schedule, it)
+    lr_now, wd_now = float(lr_schedule[it]), float(wd_schedule[it])
+    mom_now, temp_now = float(momentum_schedule[it]), float(teacher_temp_schedule[it])
+    last_lr_now = float(last_layer_lr_schedule[it])
     for g in optimizer.param_groups:
         g["lr"] = (last_lr_now if g["is_last_layer"] else lr_now) * g["lr_mult"]
         g["weight_decay"] = wd_now * g["wd_mult"]
@@ -592,7 +587,7 @@ if master_process:
     if visualize_at_end:
         import visualize
 
-        png = visualize.demo_montage(os.path.join(out_dir, "teacher_backbone.pt"), data or None, out_dir)
+        png = visualize.demo_montage(os.path.join(out_dir, "teacher_backbone.pt"), data_path or None, out_dir)
         print(f"wrote {png}")
     if eval_at_end:
         import evaluate

@@ -4,7 +4,7 @@
 # Every departure from the paper's settings below is what made a run this short leave the uniform fixed point;
 # the runs behind each are in experiments/README.md (arm names in brackets).
 out_dir = "out/demo"
-data = ""  # synthetic phantoms; point it at a prepared cache (python data.py prepare ...) for real volumes
+data_path = ""  # synthetic phantoms; point it at a prepared cache (python data.py prepare ...) for real volumes
 embed_dim = 192  # ViT-Tiny width ...
 depth = 4  # ... but 4 blocks (divisible by 4, so adapter.py's ViT-Adapter can wrap it)
 num_heads = 3

@@ -3,7 +3,7 @@
 # give the runs behind each departure from the paper's settings) on real MRI crops.
 # python data.py prepare --datalist <training images> --out out/label_efficiency/cache   (the experiment does this)
 out_dir = "out/label_efficiency/pretrain"
-data = "out/label_efficiency/cache"
+data_path = "out/label_efficiency/cache"
 embed_dim = 192
 depth = 4
 num_heads = 3

@@ -3,7 +3,7 @@
 # embedding is resized 6^3 -> 7^3 at load time. Volumes must have > 48 slices.
 # torchrun --standalone --nproc_per_node=4 pretrain.py configs/pretrain_vitl_highres.py --init_from=out/vitl/teacher_backbone.pt
 out_dir = "out/vitl_highres"
-data = "cache/"
+data_path = "cache/"
 init_from = "out/vitl/teacher_backbone.pt"  # the stage-1 teacher export (ours or a reference 3DINO checkpoint)
 arch = "vit_large"
 patch_size = 16

@@ -89,7 +89,7 @@ run("prepare", ["data.py", "prepare", "--datalist", train_images, "--out", cache
 # --- 2. pretraining ---------------------------------------------------------------------------------------------
 pre_dir = os.path.join(out, "pretrain")
 teacher = os.path.join(pre_dir, "teacher_backbone.pt")
-cmd = ["pretrain.py", "configs/pretrain_hippocampus.py", f"--out_dir={pre_dir}", f"--data={cache}",
+cmd = ["pretrain.py", "configs/pretrain_hippocampus.py", f"--out_dir={pre_dir}", f"--data_path={cache}",
        f"--seed={args.seed}"]
 if args.pretrain_iters:
     cmd.append(f"--max_iters={args.pretrain_iters}")

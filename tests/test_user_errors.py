@@ -164,7 +164,7 @@ def test_finetune_input_errors_print_the_message_alone(tmp_path):
 
 def test_pretrain_input_errors_print_the_message_alone(tmp_path):
     (tmp_path / "list.json").write_text("{not json")
-    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--data={tmp_path / 'list.json'}",
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--data_path={tmp_path / 'list.json'}",
                f"--out_dir={tmp_path / 'a'}")
     assert_input_error(p, str(tmp_path / "list.json"), "not a readable JSON datalist")
     p = script(ROOT / "pretrain.py", "--max_iter=3", f"--out_dir={tmp_path / 'b'}")
