@@ -36,12 +36,16 @@ import os
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
+
+from augment import sample_crop_box  # the RRC3D box lives with the rest of the augmentation
 
 log = logging.getLogger(__name__)
 
@@ -703,9 +707,9 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)  # readers never see a half-written file; a killed run leaves only *.tmp* litter
 
 
-def _prepare_one(job) -> tuple[list[dict], list[tuple[str, str]]]:
+def _prepare_one(source: str, out_dir: str, lo: float, hi: float, threshold: float, min_axis_size: int,
+                 dtype: str) -> tuple[list[dict], list[tuple[str, str]]]:
     """Worker: one source file -> (cache entries, rejected (name, reason)). Never raises for bad data."""
-    source, out_dir, lo, hi, threshold, min_axis_size, dtype = job
     entries, rejected = [], []
     try:
         x, spacing, _ = load_volume(source)
@@ -752,7 +756,6 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
     spacing, too small) are reported by name on stderr, recorded and skipped; the rest finishes.
     Returns {"index", "entries", "new", "skipped", "rejected": [(name, reason)], "seconds"}.
     """
-    from tqdm import tqdm
 
     t0 = time.time()
     if dtype not in ("float16", "int16"):
@@ -793,7 +796,7 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
             rejected.append((src, f"{src}: too small, datalist shape {shape} (min_axis_size {min_axis_size})"))
             print(f"prepare: skipped {rejected[-1][1]}", file=sys.stderr)
             continue
-        todo.append((src, str(out_dir), lo, hi, threshold, min_axis_size, dtype))
+        todo.append(src)
     n_skipped = len(items) - len(todo)
 
     def save():
@@ -803,15 +806,17 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
         _atomic_write(index_path, lambda f: f.write(json.dumps(index, indent=1).encode()))
 
     n_new, last_save = 0, time.time()
+    job = partial(_prepare_one, out_dir=str(out_dir), lo=lo, hi=hi, threshold=threshold, min_axis_size=min_axis_size,
+                  dtype=dtype)
     pool = None
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
 
         # the platform's default start method (fork on Linux, as torch's DataLoader); workers use numpy/nibabel only
         pool = mp.Pool(workers)
-        results = pool.imap_unordered(_prepare_one, todo, chunksize=1)
+        results = pool.imap_unordered(job, todo, chunksize=1)
     else:
-        results = map(_prepare_one, todo)
+        results = map(job, todo)
     try:
         for new, bad in tqdm(results, total=len(todo), desc="prepare", unit="file", disable=not progress,
                              file=sys.stderr):
@@ -879,9 +884,6 @@ class PretrainDataset(torch.utils.data.Dataset):
                  local_in_slice_scale=(0.16, 0.48), local_cross_slice_scale=(0.2, 0.5),
                  min_axis_size: int = 24, seed: int = 0, rank: int = 0, world_size: int = 1,
                  pad_to: int | None = None, max_tries: int = 10):
-        from augment import sample_crop_box  # the RRC3D box lives with the rest of the augmentation
-
-        self._sample_box = sample_crop_box
         self.global_crops_size, self.local_crops_size, self.n_local = global_crops_size, local_crops_size, n_local
         self.global_scales = (tuple(global_in_slice_scale), tuple(global_cross_slice_scale))
         self.local_scales = (tuple(local_in_slice_scale), tuple(local_cross_slice_scale))
@@ -981,8 +983,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     def _crops(self, v: int, g: torch.Generator) -> dict:
         shape, arr, scale = self._open(v, g)
         padded = tuple(max(n, self.pad_to) for n in shape)
-        boxes = [self._sample_box(padded, *self.global_scales, generator=g) for _ in range(2)]
-        boxes += [self._sample_box(padded, *self.local_scales, generator=g) for _ in range(self.n_local)]
+        boxes = [sample_crop_box(padded, *self.global_scales, generator=g) for _ in range(2)]
+        boxes += [sample_crop_box(padded, *self.local_scales, generator=g) for _ in range(self.n_local)]
         crops = [self._read_box(shape, arr, scale, b) for b in boxes]
         return {"global_crops": crops[:2], "local_crops": crops[2:], "index": v}
 

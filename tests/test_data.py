@@ -545,7 +545,7 @@ def test_pretrain_dataset_reads_only_the_crop_region(small_cache, monkeypatch):
 
 @pytest.mark.parametrize("pad_to", [24, 56])  # 24: no padding (the box is read into uninitialised memory); 56: mixed
 @pytest.mark.parametrize("dtype", ["float16", "int16"])
-def test_pretrain_dataset_crops_are_the_exact_boxes(tmp_path, dtype, pad_to):
+def test_pretrain_dataset_crops_are_the_exact_boxes(tmp_path, dtype, pad_to, monkeypatch):
     # each crop = the sampled box of the prepared volume (virtually padded with -1 to pad_to), times the int16 scale
     paths = [save_nii(tmp_path / "v.nii.gz", phantom((40, 36, 34), seed=3))]  # (34, 30, 28) prepared
     data.prepare(paths, tmp_path / "c", dtype=dtype, workers=0, progress=False)
@@ -555,8 +555,8 @@ def test_pretrain_dataset_crops_are_the_exact_boxes(tmp_path, dtype, pad_to):
     offs = [max(pad_to - n, 0) // 2 for n in vol.shape]
     padded[tuple(slice(o, o + n) for o, n in zip(offs, vol.shape))] = vol
     ds = data.PretrainDataset(tmp_path / "c", n_local=8, pad_to=pad_to)
-    boxes, sample = [], ds._sample_box
-    ds._sample_box = lambda *a, **k: boxes.append(sample(*a, **k)) or boxes[-1]
+    boxes, sample = [], data.sample_crop_box
+    monkeypatch.setattr(data, "sample_crop_box", lambda *a, **k: boxes.append(sample(*a, **k)) or boxes[-1])
     for k in range(3):
         boxes.clear()
         it = ds[k]
