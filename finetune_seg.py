@@ -70,6 +70,7 @@ import augment
 import data
 import metrics
 import model
+from configurator import ConfigError, check_out_dir, configure
 
 # -----------------------------------------------------------------------------
 # sliding-window inference (MONAI semantics)
@@ -358,9 +359,9 @@ def head_options(head: str, head_kwargs: dict) -> tuple[dict, list]:
     path: the head class, and for "vit_adapter_unetr" also adapter.ViTAdapter, which receives its **adapter_kw.
     The dropped ones belong to another head (configs/seg_hippocampus.py sets the adapter's feature_size; with
     --head=linear it has no meaning), so any head runs with any config; the script prints their names. An option
-    that no head takes is a typo and raises ValueError."""
+    that no head takes is a typo and raises ConfigError."""
     if head not in adapter.SEGMENTERS:
-        raise ValueError(f"unknown segmentation head {head!r}; choose one of {sorted(adapter.SEGMENTERS)}")
+        raise ConfigError(f"unknown segmentation head {head!r}; choose one of {sorted(adapter.SEGMENTERS)}")
 
     def takes(cls):
         names = {n for n, p in inspect.signature(cls).parameters.items()
@@ -369,7 +370,7 @@ def head_options(head: str, head_kwargs: dict) -> tuple[dict, list]:
 
     unknown = sorted(set(head_kwargs) - set().union(*(takes(c) for c in adapter.SEGMENTERS.values())))
     if unknown:
-        raise ValueError(f"head_kwargs {unknown} are options of no segmentation head ({sorted(adapter.SEGMENTERS)})")
+        raise ConfigError(f"head_kwargs {unknown} are options of no segmentation head ({sorted(adapter.SEGMENTERS)})")
     own = takes(adapter.SEGMENTERS[head])
     return {k: v for k, v in head_kwargs.items() if k in own}, sorted(set(head_kwargs) - own)
 
@@ -443,8 +444,6 @@ if __name__ == "__main__":
     dtype = "auto"  # autocast dtype: "bfloat16", "float16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
     threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
     # -----------------------------------------------------------------------------
-    from configurator import ConfigError, check_out_dir, configure
-
     config = configure(globals(), sys.argv[1:])
     t_start = time.time()
     if threads > 0:
@@ -465,7 +464,7 @@ if __name__ == "__main__":
         raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
     if random_init and not pretrained:
         raise ConfigError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
-                         "without a checkpoint pretrained=None already means random init of arch")
+                          "without a checkpoint pretrained=None already means random init of arch")
     head_kw, head_kw_dropped = head_options(head, head_kwargs)  # a typo fails here, before any data is read
 
     # -----------------------------------------------------------------------------
@@ -499,7 +498,7 @@ if __name__ == "__main__":
     else:
         if num_classes != data.SyntheticVolumes.num_classes or in_chans != 1:
             raise ConfigError(f"synthetic phantoms have {data.SyntheticVolumes.num_classes} classes and 1 channel; "
-                             f"the config says num_classes={num_classes}, in_chans={in_chans}")
+                              f"the config says num_classes={num_classes}, in_chans={in_chans}")
         dl = {}
         for s, (split, n) in enumerate(zip(data.SPLITS, synthetic_cases)):  # a different phantom seed per split
             vols = data.SyntheticVolumes(n, synthetic_shape, seed=1000 * split_seed + s, with_labels=True)

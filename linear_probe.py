@@ -184,7 +184,7 @@ for item in cases:  # every label an int class index
     if not isinstance(lab, (int, np.integer)) or isinstance(lab, bool) or not 0 <= lab < num_classes:
         hint = " (a label map? set label_from_map)" if isinstance(lab, str) else ""
         raise ConfigError(f"{case_name(item)}: label {lab!r} is not a class index in [0, {num_classes}) "
-                         f"{list(class_names)}{hint}")
+                          f"{list(class_names)}{hint}")
 labels = torch.tensor([int(item["label"]) for item in cases])
 
 run_splits = []  # (train, val, test) case indices of every run

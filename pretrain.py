@@ -153,7 +153,7 @@ master_process = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if batch_size % (world_size * grad_accum_steps):
     raise ConfigError(f"batch_size {batch_size} is not divisible by world_size {world_size} x grad_accum_steps "
-                     f"{grad_accum_steps}")
+                      f"{grad_accum_steps}")
 micro_batch = batch_size // (world_size * grad_accum_steps)  # images per rank per micro-step
 augment.keep_freed_memory()  # glibc: reuse freed multi-MB blocks (no page faults per step; see augment.py)
 torch.backends.cuda.matmul.allow_tf32 = True
