@@ -219,3 +219,14 @@ def test_augment_train_runs(tmp_path):
                              "--augment_train=True", "--n_aug_views=2", *TINY)
     assert json.loads((tmp_path / "out" / "results.json").read_text())["config"]["augment_train"] is True
     assert n_encoded == 16 + 8 * 2  # the fixed view of all 16 cases, and two random views of the 8 training ones
+
+
+def test_mixed_channel_counts_are_named_before_any_feature(tmp_path):
+    from configurator import ConfigError
+
+    dl = json.loads(Path(write_datalist(tmp_path / "vols", SPLITS)).read_text())
+    np.save(tmp_path / "vols" / "two.npy", np.stack([volume(30), volume(31)]))  # (2, 16, 16, 16): 2 channels
+    dl["training"][0]["image"] = "two.npy"
+    (tmp_path / "vols" / "mixed.json").write_text(json.dumps(dl))
+    with pytest.raises(ConfigError, match=r"different channel counts \[1, 2\].*two.npy \(2\)"):
+        run_probe(f"--datalist={tmp_path / 'vols' / 'mixed.json'}", f"--out_dir={tmp_path / 'out'}", *TINY)
