@@ -44,6 +44,7 @@ E the ViT width; p the patch size; Nc = sum of the three SPM token levels.
 
     python adapter.py      # parameter counts of the heads around vit_large at 112^3 (meta device, no memory)
 """
+import inspect
 import math
 
 import torch
@@ -51,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from configurator import ConfigError
 from model import DropPath, ViT3D
 from msda_triton import msda
 
@@ -632,6 +634,95 @@ def build_segmenter(head: str, vit: ViT3D, in_chans: int, num_classes: int, **kw
     if head not in SEGMENTERS:
         raise ValueError(f"unknown segmentation head {head!r}; choose one of {sorted(SEGMENTERS)}")
     return SEGMENTERS[head](vit, in_chans, num_classes, **kw)
+
+
+# -----------------------------------------------------------------------------
+# sliding-window inference over a whole volume (MONAI semantics): finetune_seg.py's validation and test
+
+
+def importance_map(roi, blend: str = "constant", sigma_scale: float = 0.125, device=None) -> torch.Tensor:
+    """Weight w of every voxel of a window, shape roi. "constant": w = 1. "gaussian" (nnU-Net / MONAI):
+    w(i) = Π_a exp(−(i_a − c_a)² / 2σ_a²) with c = (roi − 1)/2, σ = sigma_scale·roi, scaled to max 1. Centre
+    voxels, which saw the most context, then count more than window borders where the seams are."""
+    if blend == "constant":
+        return torch.ones(roi, device=device)
+    if blend != "gaussian":
+        raise ValueError(f"blend must be 'constant' or 'gaussian', got {blend!r}")
+    w = torch.ones((), device=device)
+    for r in roi:
+        i = torch.arange(r, dtype=torch.float32, device=device)
+        w = w[..., None] * torch.exp(-((i - (r - 1) / 2) ** 2) / (2 * (sigma_scale * r) ** 2))
+    return (w / w.max()).clamp_min(1e-6)  # every voxel keeps a positive weight, so no division by zero
+
+
+def window_starts(size: int, roi: int, overlap: float) -> list[int]:
+    """Window origins along one axis: a step of roi·(1 − overlap) voxels (at least 1), the last window moved back
+    to end at the border (MONAI's dense_patch_slices). size >= roi."""
+    step = max(int(roi * (1 - overlap)), 1)
+    n = math.ceil(max(size - roi, 0) / step) + 1
+    return sorted({min(i * step, size - roi) for i in range(n)})
+
+
+@torch.no_grad()
+def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: str = "constant",
+                             sw_batch_size: int = 1, pad_value: float = 0.0) -> torch.Tensor:
+    """y = Σ_windows w·predictor(window) / Σ_windows w over a volume batch x (B, C, H, W, D) -> (B, K, H, W, D).
+
+    roi: window size (int for a cube, or 3 ints); overlap in [0, 1): fraction shared by neighbouring windows
+    (the paper: 0 for validation, 0.75 for the test pass); blend: "constant" (reference) or "gaussian";
+    sw_batch_size windows go through `predictor` at once. An axis shorter than roi is padded at its end with
+    pad_value and the padding cropped from the output. The output is accumulated in float32 on x's device.
+    For a translation-equivariant predictor the result equals predictor(x) whatever roi/overlap/blend.
+    """
+    roi = (roi,) * 3 if isinstance(roi, int) else tuple(int(r) for r in roi)
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    B, size = x.shape[0], x.shape[2:]
+    pad = [max(r - s, 0) for r, s in zip(roi, size)]
+    if any(pad):
+        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=pad_value)  # F.pad lists the last axis (D) first
+    full = x.shape[2:]
+    starts = [window_starts(s, r, overlap) for s, r in zip(full, roi)]
+    windows = [(h, w, d) for h in starts[0] for w in starts[1] for d in starts[2]]
+    weight = importance_map(roi, blend, device=x.device)
+    out, norm = None, torch.zeros(full, device=x.device)
+    for i in range(0, len(windows), sw_batch_size):
+        chunk = windows[i:i + sw_batch_size]
+        sl = [(slice(h, h + roi[0]), slice(w, w + roi[1]), slice(d, d + roi[2])) for h, w, d in chunk]
+        y = predictor(torch.cat([x[(..., *s)] for s in sl])).float()  # (len(chunk)·B, K, *roi), window-major
+        if out is None:
+            out = torch.zeros(B, y.shape[1], *full, device=x.device)
+        for j, s in enumerate(sl):
+            out[(..., *s)] += y[j * B:(j + 1) * B] * weight
+            norm[s] += weight
+    out /= norm
+    return out[..., :size[0], :size[1], :size[2]]
+
+
+# -----------------------------------------------------------------------------
+# which head options a head takes: any head runs with a config written for another
+
+
+def head_options(head: str, head_kwargs: dict) -> tuple[dict, list]:
+    """Split a config's head_kwargs into (the options `head` takes, the names of those it does not take but
+    another head does). What a head takes is read from its constructor's signature on build_segmenter's
+    path: the head class, and for "vit_adapter_unetr" also ViTAdapter, which receives its **adapter_kw.
+    The dropped ones belong to another head (configs/seg_hippocampus.py sets the adapter's feature_size; with
+    --head=linear it has no meaning), so any head runs with any config; the script prints their names. An option
+    that no head takes is a typo and raises ConfigError."""
+    if head not in SEGMENTERS:
+        raise ConfigError(f"unknown segmentation head {head!r}; choose one of {sorted(SEGMENTERS)}")
+
+    def takes(cls):
+        names = {n for n, p in inspect.signature(cls).parameters.items()
+                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"vit", "in_chans", "num_classes"}
+        return names | (takes(ViTAdapter) if cls is ViTAdapterUNETR else set())
+
+    unknown = sorted(set(head_kwargs) - set().union(*(takes(c) for c in SEGMENTERS.values())))
+    if unknown:
+        raise ConfigError(f"head_kwargs {unknown} are options of no segmentation head ({sorted(SEGMENTERS)})")
+    own = takes(SEGMENTERS[head])
+    return {k: v for k, v in head_kwargs.items() if k in own}, sorted(set(head_kwargs) - own)
 
 
 # -----------------------------------------------------------------------------

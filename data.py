@@ -1020,6 +1020,86 @@ def collate_pretrain(samples: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Segmentation cases: unique names, one case loaded and padded for sliding windows, and the way back to the
+# input file's grid (finetune_seg.py)
+
+
+def case_name(item) -> str:
+    """hippocampus_001 for .../hippocampus_001.nii.gz (the first channel's file for multi-channel images)."""
+    if "name" in item:
+        return item["name"]
+    p = item["image"][0] if isinstance(item["image"], list) else item["image"]
+    base = os.path.basename(str(p))
+    return next((base[: -len(s)] for s in VOLUME_SUFFIXES if base.lower().endswith(s)), base)
+
+
+def unique_names(items: list) -> None:
+    """Give every item a distinct "name" in place (prediction files and results rows are keyed by it): cases whose
+    files share a name (in different folders) get their folder's name in front, then a number if still equal."""
+    names = [case_name(it) for it in items]
+    for k, it in enumerate(items):
+        if names.count(names[k]) > 1:
+            p = it["image"][0] if isinstance(it["image"], list) else it["image"]
+            it["name"] = f"{os.path.basename(os.path.dirname(os.path.abspath(str(p))))}_{names[k]}"
+    names = [case_name(it) for it in items]
+    for k, it in enumerate(items):
+        if names.count(names[k]) > 1:
+            it["name"] = f"{names[k]}_{k}"
+
+
+def prepare_case(item, crop_size: int, target_spacing=None, ct_window=None, crop_foreground: bool = False) -> dict:
+    """Load and normalise one case (load_case: RAS orientation, optional resampling, CT window or
+    percentile scaling), optionally crop it to the foreground box (image > −1), and pad every axis
+    to >= crop_size, centred, with −1 (the normalised background) for the image and 0 for the label.
+    Returns name, image (C, H', W', D') float32, label (H', W', D') int16 or None, inner (the slices of the
+    unpadded volume), spacing, affine, and what `to_input_grid` needs to undo it all."""
+    if isinstance(item["image"], np.ndarray):  # synthetic phantoms: arrays that are already normalised
+        img, lab, spacing, affine, source = item["image"], item["label"], np.ones(3), np.eye(4), None
+        canon_shape = img.shape[1:]
+    else:
+        c = load_case(item["image"], item.get("label"), target_spacing=target_spacing, ct_window=ct_window)
+        img, lab, spacing, affine = c["image"], c["label"], c["spacing"], c["affine"]
+        source = item["image"][0] if isinstance(item["image"], list) else item["image"]
+        canon_shape = tuple(describe_volume(source)["shape"][:3])  # RAS grid before resampling
+    lab = lab if isinstance(lab, np.ndarray) else None
+    box, grid_shape = None, img.shape[1:]
+    if crop_foreground:
+        box = foreground_box(img, -1.0)
+        img = img[(slice(None), *box)]
+        lab = lab[box] if lab is not None else None
+    shape = img.shape[1:]
+    before = [max(crop_size - n, 0) // 2 for n in shape]
+    after = [max(crop_size - n, 0) - b for n, b in zip(shape, before)]
+    img = np.pad(img, [(0, 0)] + list(zip(before, after)), constant_values=-1.0)
+    if lab is not None:
+        lab = np.pad(lab.astype(np.int16), list(zip(before, after)), constant_values=0)
+    return {"name": case_name(item), "image": np.ascontiguousarray(img, dtype=np.float32), "label": lab,
+            "inner": tuple(slice(b, b + n) for b, n in zip(before, shape)), "spacing": np.asarray(spacing),
+            "affine": affine, "source": source, "canon_shape": canon_shape, "grid_shape": grid_shape, "fg_box": box,
+            "resampled": target_spacing is not None}
+
+
+def to_input_grid(pred: np.ndarray, case: dict):
+    """A prediction on the processed grid (H, W, D) or (H, W, D, R) -> (array on the input file's voxel grid,
+    that file's affine): undo the foreground crop (zeros around), the resampling (nearest neighbour) and the
+    reorientation to RAS, so the file lies exactly over the input in any viewer."""
+    if case["fg_box"] is not None:
+        full = np.zeros(tuple(case["grid_shape"]) + pred.shape[3:], pred.dtype)
+        full[case["fg_box"]] = pred
+        pred = full
+    if case["resampled"] and tuple(pred.shape[:3]) != tuple(case["canon_shape"]):
+        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(pred.reshape(pred.shape[:3] + (-1,)), 3, 0)))
+        t = F.interpolate(t[None].float(), size=tuple(case["canon_shape"]), mode="nearest-exact")[0]
+        pred = np.moveaxis(t.numpy().astype(pred.dtype), 0, 3).reshape(tuple(case["canon_shape"]) + pred.shape[3:])
+    if case["source"] is None:
+        return pred, case["affine"]
+    img = nib.load(case["source"])
+    ornt = nib.io_orientation(img.affine)  # how the file's axes were turned into RAS by load_volume
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    return nib.apply_orientation(pred, back), img.affine
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # CLI
 
 

@@ -39,11 +39,9 @@ Differences from the reference, on purpose: the label fraction is a seeded shuff
 takes the first N cases); background is excluded from every reported Dice; HD95 is computed; bf16 autocast on GPU
 (`--dtype=bfloat16` runs it on CPU too).
 
-Why the script body sits under `if __name__ == "__main__":` (unlike pretrain.py): tests/test_finetune_seg.py
-imports the reusable pieces above it — sliding-window inference, the Dice losses, case preparation, the backbone
-and head choices — and importing a file must never start a run.
+The reusable pieces live with their concepts: sliding-window inference and the head options in adapter.py, the
+Dice losses in losses.py, loading a case and the way back to the input file's grid in data.py.
 """
-import inspect
 import json
 import math
 import os
@@ -68,134 +66,129 @@ from tqdm import tqdm
 import adapter
 import augment
 import data
+import losses
 import metrics
 import model
 from configurator import ConfigError, check_out_dir, configure
 
 # -----------------------------------------------------------------------------
-# sliding-window inference (MONAI semantics)
-
-
-def importance_map(roi, blend: str = "constant", sigma_scale: float = 0.125, device=None) -> torch.Tensor:
-    """Weight w of every voxel of a window, shape roi. "constant": w = 1. "gaussian" (nnU-Net / MONAI):
-    w(i) = Π_a exp(−(i_a − c_a)² / 2σ_a²) with c = (roi − 1)/2, σ = sigma_scale·roi, scaled to max 1. Centre
-    voxels, which saw the most context, then count more than window borders where the seams are."""
-    if blend == "constant":
-        return torch.ones(roi, device=device)
-    if blend != "gaussian":
-        raise ValueError(f"blend must be 'constant' or 'gaussian', got {blend!r}")
-    w = torch.ones((), device=device)
-    for r in roi:
-        i = torch.arange(r, dtype=torch.float32, device=device)
-        w = w[..., None] * torch.exp(-((i - (r - 1) / 2) ** 2) / (2 * (sigma_scale * r) ** 2))
-    return (w / w.max()).clamp_min(1e-6)  # every voxel keeps a positive weight, so no division by zero
-
-
-def window_starts(size: int, roi: int, overlap: float) -> list[int]:
-    """Window origins along one axis: a step of roi·(1 − overlap) voxels (at least 1), the last window moved back
-    to end at the border (MONAI's dense_patch_slices). size >= roi."""
-    step = max(int(roi * (1 - overlap)), 1)
-    n = math.ceil(max(size - roi, 0) / step) + 1
-    return sorted({min(i * step, size - roi) for i in range(n)})
-
-
-@torch.no_grad()
-def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: str = "constant",
-                             sw_batch_size: int = 1, pad_value: float = 0.0) -> torch.Tensor:
-    """y = Σ_windows w·predictor(window) / Σ_windows w over a volume batch x (B, C, H, W, D) -> (B, K, H, W, D).
-
-    roi: window size (int for a cube, or 3 ints); overlap in [0, 1): fraction shared by neighbouring windows
-    (the paper: 0 for validation, 0.75 for the test pass); blend: "constant" (reference) or "gaussian";
-    sw_batch_size windows go through `predictor` at once. An axis shorter than roi is padded at its end with
-    pad_value and the padding cropped from the output. The output is accumulated in float32 on x's device.
-    For a translation-equivariant predictor the result equals predictor(x) whatever roi/overlap/blend.
-    """
-    roi = (roi,) * 3 if isinstance(roi, int) else tuple(int(r) for r in roi)
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    B, size = x.shape[0], x.shape[2:]
-    pad = [max(r - s, 0) for r, s in zip(roi, size)]
-    if any(pad):
-        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=pad_value)  # F.pad lists the last axis (D) first
-    full = x.shape[2:]
-    starts = [window_starts(s, r, overlap) for s, r in zip(full, roi)]
-    windows = [(h, w, d) for h in starts[0] for w in starts[1] for d in starts[2]]
-    weight = importance_map(roi, blend, device=x.device)
-    out, norm = None, torch.zeros(full, device=x.device)
-    for i in range(0, len(windows), sw_batch_size):
-        chunk = windows[i:i + sw_batch_size]
-        sl = [(slice(h, h + roi[0]), slice(w, w + roi[1]), slice(d, d + roi[2])) for h, w, d in chunk]
-        y = predictor(torch.cat([x[(..., *s)] for s in sl])).float()  # (len(chunk)·B, K, *roi), window-major
-        if out is None:
-            out = torch.zeros(B, y.shape[1], *full, device=x.device)
-        for j, s in enumerate(sl):
-            out[(..., *s)] += y[j * B:(j + 1) * B] * weight
-            norm[s] += weight
-    out /= norm
-    return out[..., :size[0], :size[1], :size[2]]
-
+# default config values: the paper's BTCV fine-tuning run
+# I/O
+out_dir = "out/seg"
+eval_interval = 600  # iterations between validations (reference: eval_iters 600)
+log_interval = 10  # iterations between log lines
+resume = False  # continue the run in out_dir from ckpt.pt (an error if there is none)
+overwrite = False  # replace the run already in out_dir (without it or resume, an existing run is refused)
+stop_at = 0  # > 0: checkpoint and exit at this iteration, as if killed (time-sliced jobs, tests); resume goes on
+save_predictions = True  # write the test predictions as NIfTI into out_dir/predictions/
+seed = 0
+# data
+datalist = ""  # JSON {"training", "validation", "test"} of {"image": path | [paths], "label": path}; "" = synthetic
+in_chans = 1  # channels per case (files in an "image" list, or the 4th axis of one file); checked for every case
+num_classes = 14  # label values 0..num_classes-1, 0 = background (BTCV: 13 organs + background)
+class_names = None  # optional names of classes 1.. (or of the regions) for results.json
+label_fraction = 1.0  # fraction of the training cases used (paper: 1.0, 0.25, 0.1 ...)
+split_seed = 0  # shuffles the training list before taking the fraction: same subset for every method, nested
+target_spacing = None  # resample to this spacing in mm, e.g. (1.5, 1.5, 2.0) for BTCV; None = keep the file's
+ct_window = None  # (lo, hi) HU -> [-1, 1] clipped, e.g. (-175, 250) for BTCV; None = percentile scaling per channel
+crop_foreground = False  # crop each case to the box of image > -1 (BTCV: removes the air around the body)
+cache_cases = True  # keep the prepared cases in memory; False reloads them per sample (large datasets)
+num_workers = 4  # DataLoader workers (they load and crop; augmentation runs batched on the device)
+synthetic_cases = (24, 4, 8)  # training / validation / test phantoms when datalist == ""
+synthetic_shape = (64, 64, 64)
+# crops and augmentation
+crop_size = 112  # training crop and sliding window, voxels per side (a multiple of 16 and of patch_size)
+samples_per_volume = 4  # crops per training volume per step: the batch has batch_size * samples_per_volume crops
+pos_neg_crops = True  # half the crops centred on foreground (RandCropByPosNegLabel); False = uniform (BraTS)
+flip_prob = 0.1  # per axis (BTCV 0.1; BraTS 0.5)
+rot90_prob = 0.1  # rot90 by k in {1, 2, 3} in the (H, W) plane
+shift_intensity = 0.1  # x + U(-a, a) ...
+shift_prob = 0.5  # ... with this probability (BTCV 0.5; BraTS 1.0)
+scale_intensity = 0.0  # x * (1 + U(-a, a)) ... (BTCV: none; BraTS 0.1)
+scale_prob = 1.0  # ... with this probability
+# model
+head = "vit_adapter_unetr"  # "vit_adapter_unetr", "unetr" or "linear" (adapter.build_segmenter)
+head_kwargs = {}  # extra keyword arguments of the head (adapter.build_segmenter); those the chosen head does
+#                   not take but another does (feature_size for "linear") are dropped with a note
+pretrained = None  # teacher export, our checkpoint or a reference 3DINO teacher_checkpoint.pth; None = random init
+random_init = False  # with pretrained: its architecture and pretrain.py's init, fresh weights (seeded by seed)
+arch = "vit_large"  # random init only: vit_tiny / vit_small / vit_base / vit_large / vit_giant
+embed_dim = None  # random init only: None = the arch's; set these three for a custom size (as pretrain.py)
+depth = None
+num_heads = None
+patch_size = 16  # random init only
+freeze_backbone = True  # the paper trains the head and adapter on a frozen ViT (--train-feature-model: False)
+# loss
+loss = "dice_ce"  # "dice_ce", "dice" (softmax over num_classes) or "sigmoid_dice" (overlapping regions)
+regions = None  # sigmoid_dice: label values per region, e.g. [[1, 3], [1, 2, 3], [3]] (BraTS TC, WT, ET)
+# optimizer
+batch_size = 2  # volumes per step and rank (x samples_per_volume crops)
+max_iters = 30000  # reference: 100 epochs x 300 iterations
+learning_rate = 1e-4
+warmup_iters = 3000  # linear warm-up, then cosine to 0 at max_iters, per iteration
+weight_decay = 0.01  # AdamW's default, as in the reference
+adamw_betas = (0.9, 0.999)
+clip_grad = 0.0  # max grad norm; 0 = no clipping (reference)
+# evaluation
+val_overlap = 0.0  # sliding-window overlap for validation (reference 0: fast)
+test_overlap = 0.75  # ... and for the test pass (reference 0.75)
+blend = "constant"  # window blending: "constant" (reference) or "gaussian"
+sw_batch_size = 2  # windows per forward pass
+# system
+device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
+dtype = "auto"  # autocast dtype: "bfloat16", "float16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
+threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
+# -----------------------------------------------------------------------------
+config = configure(globals(), sys.argv[1:])
+t_start = time.time()
+if threads > 0:
+    torch.set_num_threads(threads)
+if not isinstance(max_iters, int) or max_iters < 1:
+    raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
+if dtype not in ("auto", "bfloat16", "float16", "float32"):
+    raise ConfigError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
+if device.startswith("cuda") and not torch.cuda.is_available():
+    raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
+check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "best.pt", "results.json"), "ckpt.pt")
+n_out = len(regions) if regions else num_classes  # output channels of the head
+if loss not in ("dice_ce", "dice", "sigmoid_dice"):
+    raise ConfigError(f"loss must be 'dice_ce', 'dice' or 'sigmoid_dice', got {loss!r}")
+if (loss == "sigmoid_dice") != bool(regions):
+    raise ConfigError("loss='sigmoid_dice' needs regions (label values per region), and regions need it")
+if not 0 < label_fraction <= 1:
+    raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
+if random_init and not pretrained:
+    raise ConfigError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
+                      "without a checkpoint pretrained=None already means random init of arch")
+head_kw, head_kw_dropped = adapter.head_options(head, head_kwargs)  # a typo fails here, before any data is read
 
 # -----------------------------------------------------------------------------
-# losses (MONAI DiceLoss / DiceCELoss semantics)
-
-
-def dice_loss(probs, target, squared: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
-    """1 − (2 Σ p·g + smooth_nr) / (Σ p + Σ g + smooth_dr), per sample and channel, then the mean (MONAI's
-    DiceLoss with include_background=True, batch=False). probs, target: (B, K, H, W, D); `squared` sums p², g²
-    in the denominator (squared_pred=True, used for BraTS). A channel empty in both scores loss 0."""
-    dims = tuple(range(2, probs.ndim))
-    inter = (probs * target).sum(dims)
-    denom = (probs ** 2).sum(dims) + (target ** 2).sum(dims) if squared else probs.sum(dims) + target.sum(dims)
-    return (1 - (2 * inter + smooth_nr) / (denom + smooth_dr)).mean()
-
-
-def label_to_regions(label, regions):
-    """Integer label map (B, H, W, D) -> float region masks (B, R, H, W, D); region r = label ∈ regions[r]
-    (BraTS: TC = {1, 3}, WT = {1, 2, 3}, ET = {3}; regions overlap, so they are sigmoid channels)."""
-    return torch.stack([torch.isin(label, torch.tensor(r, device=label.device)) for r in regions], 1).float()
-
-
-def seg_loss(logits, label, loss: str = "dice_ce", regions=None):
-    """logits (B, K, H, W, D), label (B, H, W, D) int64 -> scalar.
-    "dice_ce": Dice(softmax, one-hot) + CE (BTCV, LA-SEG, TDSC-ABUS);  "dice": Dice(softmax, one-hot) only;
-    "sigmoid_dice": Dice(sigmoid, region masks, squared, smooth_nr 0, smooth_dr 1e-5) (BraTS)."""
-    logits = logits.float()
-    if loss == "sigmoid_dice":
-        return dice_loss(torch.sigmoid(logits), label_to_regions(label, regions), squared=True, smooth_nr=0.0)
-    onehot = F.one_hot(label, logits.shape[1]).permute(0, 4, 1, 2, 3).float()  # (B, H, W, D, K) -> (B, K, H, W, D)
-    dl = dice_loss(torch.softmax(logits, 1), onehot)
-    if loss == "dice":
-        return dl
-    if loss == "dice_ce":
-        return dl + F.cross_entropy(logits, label)
-    raise ValueError(f"loss must be 'dice', 'dice_ce' or 'sigmoid_dice', got {loss!r}")
-
+# DDP and device (nanoGPT style; every rank trains on its own crops, validation cases are split over ranks)
+ddp = int(os.environ.get("RANK", -1)) != -1
+if ddp:
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world_size = 0, 0, 1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+master_process = rank == 0
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
+torch.manual_seed(seed + rank)
+if master_process:
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"full config: the first line of {os.path.join(out_dir, 'log.jsonl')}")
 
 # -----------------------------------------------------------------------------
-# cases: up-front checks, loading, padding, and the way back to the input file's grid
-
-
-def case_name(item) -> str:
-    """hippocampus_001 for .../hippocampus_001.nii.gz (the first channel's file for multi-channel images)."""
-    if "name" in item:
-        return item["name"]
-    p = item["image"][0] if isinstance(item["image"], list) else item["image"]
-    base = os.path.basename(str(p))
-    return next((base[: -len(s)] for s in data.VOLUME_SUFFIXES if base.lower().endswith(s)), base)
-
-
-def unique_names(items: list) -> None:
-    """Give every item a distinct "name" in place (prediction files and results rows are keyed by it): cases whose
-    files share a name (in different folders) get their folder's name in front, then a number if still equal."""
-    names = [case_name(it) for it in items]
-    for k, it in enumerate(items):
-        if names.count(names[k]) > 1:
-            p = it["image"][0] if isinstance(it["image"], list) else it["image"]
-            it["name"] = f"{os.path.basename(os.path.dirname(os.path.abspath(str(p))))}_{names[k]}"
-    names = [case_name(it) for it in items]
-    for k, it in enumerate(items):
-        if names.count(names[k]) > 1:
-            it["name"] = f"{names[k]}_{k}"
+# the checks of every case before anything trains, and the training crops: sample k is a pure function of
+# (seed, rank, k), so a resumed run reads the same crops
 
 
 def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[str]:
@@ -203,7 +196,7 @@ def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[
     truncated or unreadable files, an image channel with no finite voxel, a channel count other than in_chans,
     channels or label of another shape, no label where one is needed, label values that are not integers in
     [0, num_classes). A constant image (nothing to segment) comes back as a "warning: ..." line."""
-    name = case_name(item)
+    name = data.case_name(item)
     paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
     warnings = []
     try:
@@ -239,62 +232,6 @@ def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[
     except data.VolumeError as e:
         return [f"case {name}: {e}"]
     return warnings
-
-
-def prepare_case(item, crop_size: int, target_spacing=None, ct_window=None, crop_foreground: bool = False) -> dict:
-    """Load and normalise one case (data.load_case: RAS orientation, optional resampling, CT window or
-    percentile scaling), optionally crop it to the foreground box (image > −1), and pad every axis
-    to >= crop_size, centred, with −1 (the normalised background) for the image and 0 for the label.
-    Returns name, image (C, H', W', D') float32, label (H', W', D') int16 or None, inner (the slices of the
-    unpadded volume), spacing, affine, and what `to_input_grid` needs to undo it all."""
-    if isinstance(item["image"], np.ndarray):  # synthetic phantoms: arrays that are already normalised
-        img, lab, spacing, affine, source = item["image"], item["label"], np.ones(3), np.eye(4), None
-        canon_shape = img.shape[1:]
-    else:
-        c = data.load_case(item["image"], item.get("label"), target_spacing=target_spacing, ct_window=ct_window)
-        img, lab, spacing, affine = c["image"], c["label"], c["spacing"], c["affine"]
-        source = item["image"][0] if isinstance(item["image"], list) else item["image"]
-        canon_shape = tuple(data.describe_volume(source)["shape"][:3])  # RAS grid before resampling
-    lab = lab if isinstance(lab, np.ndarray) else None
-    box, grid_shape = None, img.shape[1:]
-    if crop_foreground:
-        box = data.foreground_box(img, -1.0)
-        img = img[(slice(None), *box)]
-        lab = lab[box] if lab is not None else None
-    shape = img.shape[1:]
-    before = [max(crop_size - n, 0) // 2 for n in shape]
-    after = [max(crop_size - n, 0) - b for n, b in zip(shape, before)]
-    img = np.pad(img, [(0, 0)] + list(zip(before, after)), constant_values=-1.0)
-    if lab is not None:
-        lab = np.pad(lab.astype(np.int16), list(zip(before, after)), constant_values=0)
-    return {"name": case_name(item), "image": np.ascontiguousarray(img, dtype=np.float32), "label": lab,
-            "inner": tuple(slice(b, b + n) for b, n in zip(before, shape)), "spacing": np.asarray(spacing),
-            "affine": affine, "source": source, "canon_shape": canon_shape, "grid_shape": grid_shape, "fg_box": box,
-            "resampled": target_spacing is not None}
-
-
-def to_input_grid(pred: np.ndarray, case: dict):
-    """A prediction on the processed grid (H, W, D) or (H, W, D, R) -> (array on the input file's voxel grid,
-    that file's affine): undo the foreground crop (zeros around), the resampling (nearest neighbour) and the
-    reorientation to RAS, so the file lies exactly over the input in any viewer."""
-    if case["fg_box"] is not None:
-        full = np.zeros(tuple(case["grid_shape"]) + pred.shape[3:], pred.dtype)
-        full[case["fg_box"]] = pred
-        pred = full
-    if case["resampled"] and tuple(pred.shape[:3]) != tuple(case["canon_shape"]):
-        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(pred.reshape(pred.shape[:3] + (-1,)), 3, 0)))
-        t = F.interpolate(t[None].float(), size=tuple(case["canon_shape"]), mode="nearest-exact")[0]
-        pred = np.moveaxis(t.numpy().astype(pred.dtype), 0, 3).reshape(tuple(case["canon_shape"]) + pred.shape[3:])
-    if case["source"] is None:
-        return pred, case["affine"]
-    img = nib.load(case["source"])
-    ornt = nib.io_orientation(img.affine)  # how the file's axes were turned into RAS by data.load_volume
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    return nib.apply_orientation(pred, back), img.affine
-
-
-# -----------------------------------------------------------------------------
-# training crops: sample k is a pure function of (seed, rank, k), so a resumed run reads the same crops
 
 
 class TrainCrops(torch.utils.data.Dataset):
@@ -350,497 +287,371 @@ class TrainCrops(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
-# the backbone and head the options choose: a fresh backbone of a checkpoint's architecture, head options
+# data: the datalist (or synthetic phantoms), the label fraction, checks of every case before anything trains
+if datalist:
+    dl = data.read_datalist(datalist)
+else:
+    if num_classes != data.SyntheticVolumes.num_classes or in_chans != 1:
+        raise ConfigError(f"synthetic phantoms have {data.SyntheticVolumes.num_classes} classes and 1 channel; "
+                          f"the config says num_classes={num_classes}, in_chans={in_chans}")
+    dl = {}
+    for s, (split, n) in enumerate(zip(data.SPLITS, synthetic_cases)):  # a different phantom seed per split
+        vols = data.SyntheticVolumes(n, synthetic_shape, seed=1000 * split_seed + s, with_labels=True)
+        dl[split] = [{"name": f"synthetic_{split}_{i:03d}", "image": vols[i]["image"].numpy(),
+                      "label": vols[i]["label"].numpy()} for i in range(n)]
+if not dl["training"]:
+    raise ConfigError(f"{datalist}: no training cases")
+if not dl["validation"]:
+    raise ConfigError(f"{datalist}: no validation cases (the best checkpoint is chosen on them)")
+if not dl["test"]:
+    print(f"{datalist}: no test split; the test pass reports the validation cases")
+    dl["test"] = dl["validation"]
+for split in data.SPLITS:
+    data.unique_names(dl[split])
+order = list(range(len(dl["training"])))
+random.Random(split_seed).shuffle(order)  # nested subsets: 10% is a prefix of 25%, which is a prefix of 100%
+n_train = max(1, round(len(order) * label_fraction))
+splits = {"training": [dl["training"][i] for i in order[:n_train]], "validation": dl["validation"],
+          "test": dl["test"]}
+if datalist:  # all cases of the datalist, also those outside the label fraction: a broken list fails at once
+    jobs = [(it, split != "test") for split in data.SPLITS for it in dl[split]]
+    with ThreadPoolExecutor(8) as pool:  # gzip and nibabel release the GIL
+        problems = sum(pool.map(lambda j: check_case(j[0], in_chans, num_classes, j[1]), jobs), [])
+    for w in [p for p in problems if p.startswith("warning: ")]:
+        print(w)
+    problems = [p for p in problems if not p.startswith("warning: ")]
+    if problems:
+        raise data.VolumeError(f"{datalist}: {len(problems)} bad case(s):\n  " + "\n  ".join(problems[:20]))
+prep = partial(data.prepare_case, crop_size=crop_size, target_spacing=target_spacing, ct_window=ct_window,
+               crop_foreground=crop_foreground)
+if cache_cases:
+    with ThreadPoolExecutor(4) as pool:
+        splits = {k: list(pool.map(prep, v)) for k, v in splits.items()}
+get_case = (lambda c: c) if cache_cases else prep
+if master_process:
+    print(f"cases: {n_train} of {len(dl['training'])} training (label_fraction {label_fraction}), "
+          f"{len(splits['validation'])} validation, {len(splits['test'])} test")
+train_set = TrainCrops(splits["training"], crop_size, samples_per_volume, pos_neg_crops, seed, rank,
+                       None if cache_cases else prep)
+
+# -----------------------------------------------------------------------------
+# model: pretrained (or random) ViT -> segmenter; the frozen backbone stays in eval mode
+if pretrained and random_init:
+    vit = model.random_init_like(pretrained, seed)  # the pretraining's start: same architecture and init scheme
+    backbone_desc = f"random init of {pretrained}'s architecture"
+elif pretrained:
+    vit = model.vit_from_checkpoint(pretrained)
+    backbone_desc = pretrained
+else:
+    kw = dict(img_size=crop_size, patch_size=patch_size)
+    vit = model.ARCHS[arch](**kw) if embed_dim is None else model.ViT3D(embed_dim=embed_dim, depth=depth,
+                                                                        num_heads=num_heads, **kw)
+    backbone_desc = "random init"
+if freeze_backbone:
+    vit.requires_grad_(False)
+if head_kw_dropped and master_process:
+    print(f"head {head!r} does not take head_kwargs {head_kw_dropped} (options of another head): dropped")
+net = adapter.build_segmenter(head, vit, in_chans, n_out, **head_kw).to(device)
+raw_net = net  # unwrapped, for checkpoints and evaluation
 
 
-def head_options(head: str, head_kwargs: dict) -> tuple[dict, list]:
-    """Split a config's head_kwargs into (the options `head` takes, the names of those it does not take but
-    another head does). What a head takes is read from its constructor's signature on adapter.build_segmenter's
-    path: the head class, and for "vit_adapter_unetr" also adapter.ViTAdapter, which receives its **adapter_kw.
-    The dropped ones belong to another head (configs/seg_hippocampus.py sets the adapter's feature_size; with
-    --head=linear it has no meaning), so any head runs with any config; the script prints their names. An option
-    that no head takes is a typo and raises ConfigError."""
-    if head not in adapter.SEGMENTERS:
-        raise ConfigError(f"unknown segmentation head {head!r}; choose one of {sorted(adapter.SEGMENTERS)}")
-
-    def takes(cls):
-        names = {n for n, p in inspect.signature(cls).parameters.items()
-                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"vit", "in_chans", "num_classes"}
-        return names | (takes(adapter.ViTAdapter) if cls is adapter.ViTAdapterUNETR else set())
-
-    unknown = sorted(set(head_kwargs) - set().union(*(takes(c) for c in adapter.SEGMENTERS.values())))
-    if unknown:
-        raise ConfigError(f"head_kwargs {unknown} are options of no segmentation head ({sorted(adapter.SEGMENTERS)})")
-    own = takes(adapter.SEGMENTERS[head])
-    return {k: v for k, v in head_kwargs.items() if k in own}, sorted(set(head_kwargs) - own)
-
-
-if __name__ == "__main__":
-    # -----------------------------------------------------------------------------
-    # default config values: the paper's BTCV fine-tuning run
-    # I/O
-    out_dir = "out/seg"
-    eval_interval = 600  # iterations between validations (reference: eval_iters 600)
-    log_interval = 10  # iterations between log lines
-    resume = False  # continue the run in out_dir from ckpt.pt (an error if there is none)
-    overwrite = False  # replace the run already in out_dir (without it or resume, an existing run is refused)
-    stop_at = 0  # > 0: checkpoint and exit at this iteration, as if killed (time-sliced jobs, tests); resume goes on
-    save_predictions = True  # write the test predictions as NIfTI into out_dir/predictions/
-    seed = 0
-    # data
-    datalist = ""  # JSON {"training", "validation", "test"} of {"image": path | [paths], "label": path}; "" = synthetic
-    in_chans = 1  # channels per case (files in an "image" list, or the 4th axis of one file); checked for every case
-    num_classes = 14  # label values 0..num_classes-1, 0 = background (BTCV: 13 organs + background)
-    class_names = None  # optional names of classes 1.. (or of the regions) for results.json
-    label_fraction = 1.0  # fraction of the training cases used (paper: 1.0, 0.25, 0.1 ...)
-    split_seed = 0  # shuffles the training list before taking the fraction: same subset for every method, nested
-    target_spacing = None  # resample to this spacing in mm, e.g. (1.5, 1.5, 2.0) for BTCV; None = keep the file's
-    ct_window = None  # (lo, hi) HU -> [-1, 1] clipped, e.g. (-175, 250) for BTCV; None = percentile scaling per channel
-    crop_foreground = False  # crop each case to the box of image > -1 (BTCV: removes the air around the body)
-    cache_cases = True  # keep the prepared cases in memory; False reloads them per sample (large datasets)
-    num_workers = 4  # DataLoader workers (they load and crop; augmentation runs batched on the device)
-    synthetic_cases = (24, 4, 8)  # training / validation / test phantoms when datalist == ""
-    synthetic_shape = (64, 64, 64)
-    # crops and augmentation
-    crop_size = 112  # training crop and sliding window, voxels per side (a multiple of 16 and of patch_size)
-    samples_per_volume = 4  # crops per training volume per step: the batch has batch_size * samples_per_volume crops
-    pos_neg_crops = True  # half the crops centred on foreground (RandCropByPosNegLabel); False = uniform (BraTS)
-    flip_prob = 0.1  # per axis (BTCV 0.1; BraTS 0.5)
-    rot90_prob = 0.1  # rot90 by k in {1, 2, 3} in the (H, W) plane
-    shift_intensity = 0.1  # x + U(-a, a) ...
-    shift_prob = 0.5  # ... with this probability (BTCV 0.5; BraTS 1.0)
-    scale_intensity = 0.0  # x * (1 + U(-a, a)) ... (BTCV: none; BraTS 0.1)
-    scale_prob = 1.0  # ... with this probability
-    # model
-    head = "vit_adapter_unetr"  # "vit_adapter_unetr", "unetr" or "linear" (adapter.build_segmenter)
-    head_kwargs = {}  # extra keyword arguments of the head (adapter.build_segmenter); those the chosen head does
-    #                   not take but another does (feature_size for "linear") are dropped with a note
-    pretrained = None  # teacher export, our checkpoint or a reference 3DINO teacher_checkpoint.pth; None = random init
-    random_init = False  # with pretrained: its architecture and pretrain.py's init, fresh weights (seeded by seed)
-    arch = "vit_large"  # random init only: vit_tiny / vit_small / vit_base / vit_large / vit_giant
-    embed_dim = None  # random init only: None = the arch's; set these three for a custom size (as pretrain.py)
-    depth = None
-    num_heads = None
-    patch_size = 16  # random init only
-    freeze_backbone = True  # the paper trains the head and adapter on a frozen ViT (--train-feature-model: False)
-    # loss
-    loss = "dice_ce"  # "dice_ce", "dice" (softmax over num_classes) or "sigmoid_dice" (overlapping regions)
-    regions = None  # sigmoid_dice: label values per region, e.g. [[1, 3], [1, 2, 3], [3]] (BraTS TC, WT, ET)
-    # optimizer
-    batch_size = 2  # volumes per step and rank (x samples_per_volume crops)
-    max_iters = 30000  # reference: 100 epochs x 300 iterations
-    learning_rate = 1e-4
-    warmup_iters = 3000  # linear warm-up, then cosine to 0 at max_iters, per iteration
-    weight_decay = 0.01  # AdamW's default, as in the reference
-    adamw_betas = (0.9, 0.999)
-    clip_grad = 0.0  # max grad norm; 0 = no clipping (reference)
-    # evaluation
-    val_overlap = 0.0  # sliding-window overlap for validation (reference 0: fast)
-    test_overlap = 0.75  # ... and for the test pass (reference 0.75)
-    blend = "constant"  # window blending: "constant" (reference) or "gaussian"
-    sw_batch_size = 2  # windows per forward pass
-    # system
-    device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
-    dtype = "auto"  # autocast dtype: "bfloat16", "float16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
-    threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
-    # -----------------------------------------------------------------------------
-    config = configure(globals(), sys.argv[1:])
-    t_start = time.time()
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if not isinstance(max_iters, int) or max_iters < 1:
-        raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
-    if dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise ConfigError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
-    check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "best.pt", "results.json"), "ckpt.pt")
-    n_out = len(regions) if regions else num_classes  # output channels of the head
-    if loss not in ("dice_ce", "dice", "sigmoid_dice"):
-        raise ConfigError(f"loss must be 'dice_ce', 'dice' or 'sigmoid_dice', got {loss!r}")
-    if (loss == "sigmoid_dice") != bool(regions):
-        raise ConfigError("loss='sigmoid_dice' needs regions (label values per region), and regions need it")
-    if not 0 < label_fraction <= 1:
-        raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
-    if random_init and not pretrained:
-        raise ConfigError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
-                          "without a checkpoint pretrained=None already means random init of arch")
-    head_kw, head_kw_dropped = head_options(head, head_kwargs)  # a typo fails here, before any data is read
-
-    # -----------------------------------------------------------------------------
-    # DDP and device (nanoGPT style; every rank trains on its own crops, validation cases are split over ranks)
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-        rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-        if torch.cuda.is_available():
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-    else:
-        rank, local_rank, world_size = 0, 0, 1
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    master_process = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" else "float32"
-    ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
-    torch.manual_seed(seed + rank)
-    if master_process:
-        os.makedirs(out_dir, exist_ok=True)
-        print(f"full config: the first line of {os.path.join(out_dir, 'log.jsonl')}")
-
-    # -----------------------------------------------------------------------------
-    # data: the datalist (or synthetic phantoms), the label fraction, checks of every case before anything trains
-    if datalist:
-        dl = data.read_datalist(datalist)
-    else:
-        if num_classes != data.SyntheticVolumes.num_classes or in_chans != 1:
-            raise ConfigError(f"synthetic phantoms have {data.SyntheticVolumes.num_classes} classes and 1 channel; "
-                              f"the config says num_classes={num_classes}, in_chans={in_chans}")
-        dl = {}
-        for s, (split, n) in enumerate(zip(data.SPLITS, synthetic_cases)):  # a different phantom seed per split
-            vols = data.SyntheticVolumes(n, synthetic_shape, seed=1000 * split_seed + s, with_labels=True)
-            dl[split] = [{"name": f"synthetic_{split}_{i:03d}", "image": vols[i]["image"].numpy(),
-                          "label": vols[i]["label"].numpy()} for i in range(n)]
-    if not dl["training"]:
-        raise ConfigError(f"{datalist}: no training cases")
-    if not dl["validation"]:
-        raise ConfigError(f"{datalist}: no validation cases (the best checkpoint is chosen on them)")
-    if not dl["test"]:
-        print(f"{datalist}: no test split; the test pass reports the validation cases")
-        dl["test"] = dl["validation"]
-    for split in data.SPLITS:
-        unique_names(dl[split])
-    order = list(range(len(dl["training"])))
-    random.Random(split_seed).shuffle(order)  # nested subsets: 10% is a prefix of 25%, which is a prefix of 100%
-    n_train = max(1, round(len(order) * label_fraction))
-    splits = {"training": [dl["training"][i] for i in order[:n_train]], "validation": dl["validation"],
-              "test": dl["test"]}
-    if datalist:  # all cases of the datalist, also those outside the label fraction: a broken list fails at once
-        jobs = [(it, split != "test") for split in data.SPLITS for it in dl[split]]
-        with ThreadPoolExecutor(8) as pool:  # gzip and nibabel release the GIL
-            problems = sum(pool.map(lambda j: check_case(j[0], in_chans, num_classes, j[1]), jobs), [])
-        for w in [p for p in problems if p.startswith("warning: ")]:
-            print(w)
-        problems = [p for p in problems if not p.startswith("warning: ")]
-        if problems:
-            raise data.VolumeError(f"{datalist}: {len(problems)} bad case(s):\n  " + "\n  ".join(problems[:20]))
-    prep = partial(prepare_case, crop_size=crop_size, target_spacing=target_spacing, ct_window=ct_window,
-                   crop_foreground=crop_foreground)
-    if cache_cases:
-        with ThreadPoolExecutor(4) as pool:
-            splits = {k: list(pool.map(prep, v)) for k, v in splits.items()}
-    get_case = (lambda c: c) if cache_cases else prep
-    if master_process:
-        print(f"cases: {n_train} of {len(dl['training'])} training (label_fraction {label_fraction}), "
-              f"{len(splits['validation'])} validation, {len(splits['test'])} test")
-    train_set = TrainCrops(splits["training"], crop_size, samples_per_volume, pos_neg_crops, seed, rank,
-                           None if cache_cases else prep)
-
-    # -----------------------------------------------------------------------------
-    # model: pretrained (or random) ViT -> segmenter; the frozen backbone stays in eval mode
-    if pretrained and random_init:
-        vit = model.random_init_like(pretrained, seed)  # the pretraining's start: same architecture and init scheme
-        backbone_desc = f"random init of {pretrained}'s architecture"
-    elif pretrained:
-        vit = model.vit_from_checkpoint(pretrained)
-        backbone_desc = pretrained
-    else:
-        kw = dict(img_size=crop_size, patch_size=patch_size)
-        vit = model.ARCHS[arch](**kw) if embed_dim is None else model.ViT3D(embed_dim=embed_dim, depth=depth,
-                                                                            num_heads=num_heads, **kw)
-        backbone_desc = "random init"
+def train_mode():
+    raw_net.train()
     if freeze_backbone:
-        vit.requires_grad_(False)
-    if head_kw_dropped and master_process:
-        print(f"head {head!r} does not take head_kwargs {head_kw_dropped} (options of another head): dropped")
-    net = adapter.build_segmenter(head, vit, in_chans, n_out, **head_kw).to(device)
-    raw_net = net  # unwrapped, for checkpoints and evaluation
+        raw_net.vit.eval()  # no dropout / drop path / batch-stat updates in a frozen backbone
 
-    def train_mode():
-        raw_net.train()
-        if freeze_backbone:
-            raw_net.vit.eval()  # no dropout / drop path / batch-stat updates in a frozen backbone
 
-    n_params = sum(p.numel() for p in net.parameters())
-    n_train_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+n_params = sum(p.numel() for p in net.parameters())
+n_train_params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+if master_process:
+    print(f"segmenter: {n_params / 1e6:.2f}M parameters, {n_train_params / 1e6:.2f}M trained "
+          f"(backbone {'frozen' if freeze_backbone else 'trained'}, from {backbone_desc})")
+
+# -----------------------------------------------------------------------------
+# optimizer and schedule
+optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=learning_rate,
+                              betas=adamw_betas, weight_decay=weight_decay)
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 only
+
+
+def get_lr(it):
+    """Linear warm-up to learning_rate over warmup_iters, then ½(1 + cos(π·progress)) down to 0 at max_iters."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# -----------------------------------------------------------------------------
+# resume
+
+
+def save_atomic(obj, path):
+    torch.save(obj, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)  # a killed run leaves the previous file intact
+
+
+ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
+iter_num, best_val, best_iter, loss_sum, n_loss = 0, -1.0, -1, 0.0, 0
+history = {"iters": [], "train_loss": [], "val_dice": [], "val_dice_per_class": []}
+if resume:
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    shape_keys = ("head", "head_kwargs", "pretrained", "arch", "embed_dim", "depth", "num_heads", "patch_size",
+                  "in_chans", "num_classes", "regions", "crop_size", "freeze_backbone")
+    changed = [f"{k}: checkpoint {ckpt['config'][k]!r}, now {config[k]!r}" for k in shape_keys
+               if k in ckpt.get("config", {}) and ckpt["config"][k] != config[k]]
+    if changed:
+        raise ConfigError(f"resume: {ckpt_path} was trained with other settings ({'; '.join(changed)}); "
+                          "resume with its settings, or start a new run")
+    raw_net.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    iter_num, best_val, best_iter, history = ckpt["iter_num"], ckpt["best_val"], ckpt["best_iter"], ckpt["history"]
+    loss_sum, n_loss = ckpt["loss_sum"], ckpt["n_loss"]  # the running train loss since the last evaluation
+    # (every step re-seeds its RNGs from (seed, rank, iter_num) below; the states are restored for anything else)
+    torch.set_rng_state(ckpt["rng_cpu"].cpu())  # map_location put it on the device
+    if device_type == "cuda" and "rng_cuda" in ckpt:
+        torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
     if master_process:
-        print(f"segmenter: {n_params / 1e6:.2f}M parameters, {n_train_params / 1e6:.2f}M trained "
-              f"(backbone {'frozen' if freeze_backbone else 'trained'}, from {backbone_desc})")
+        print(f"resumed from {ckpt_path} at iteration {iter_num} (best validation Dice {best_val:.4f})")
+start_iter = iter_num
 
-    # -----------------------------------------------------------------------------
-    # optimizer and schedule
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=learning_rate,
-                                  betas=adamw_betas, weight_decay=weight_decay)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 only
 
-    def get_lr(it):
-        """Linear warm-up to learning_rate over warmup_iters, then ½(1 + cos(π·progress)) down to 0 at max_iters."""
-        if it < warmup_iters:
-            return learning_rate * (it + 1) / (warmup_iters + 1)
-        progress = (it - warmup_iters) / max(1, max_iters - warmup_iters)
-        return learning_rate * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    # -----------------------------------------------------------------------------
-    # resume
-
-    def save_atomic(obj, path):
-        torch.save(obj, f"{path}.tmp")
-        os.replace(f"{path}.tmp", path)  # a killed run leaves the previous file intact
-
-    ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")
-    iter_num, best_val, best_iter, loss_sum, n_loss = 0, -1.0, -1, 0.0, 0
-    history = {"iters": [], "train_loss": [], "val_dice": [], "val_dice_per_class": []}
-    if resume:
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
-        shape_keys = ("head", "head_kwargs", "pretrained", "arch", "embed_dim", "depth", "num_heads", "patch_size",
-                      "in_chans", "num_classes", "regions", "crop_size", "freeze_backbone")
-        changed = [f"{k}: checkpoint {ckpt['config'][k]!r}, now {config[k]!r}" for k in shape_keys
-                   if k in ckpt.get("config", {}) and ckpt["config"][k] != config[k]]
-        if changed:
-            raise ConfigError(f"resume: {ckpt_path} was trained with other settings ({'; '.join(changed)}); "
-                              "resume with its settings, or start a new run")
-        raw_net.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val, best_iter, history = ckpt["iter_num"], ckpt["best_val"], ckpt["best_iter"], ckpt["history"]
-        loss_sum, n_loss = ckpt["loss_sum"], ckpt["n_loss"]  # the running train loss since the last evaluation
-        # (every step re-seeds its RNGs from (seed, rank, iter_num) below; the states are restored for anything else)
-        torch.set_rng_state(ckpt["rng_cpu"].cpu())  # map_location put it on the device
-        if device_type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
-        if master_process:
-            print(f"resumed from {ckpt_path} at iteration {iter_num} (best validation Dice {best_val:.4f})")
-    start_iter = iter_num
-
-    def save_checkpoint():
-        ckpt = {"model": raw_net.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": iter_num,
-                "best_val": best_val, "best_iter": best_iter, "history": history, "loss_sum": loss_sum,
-                "n_loss": n_loss, "config": config, "rng_cpu": torch.get_rng_state()}
-        if device_type == "cuda":
-            ckpt["rng_cuda"] = torch.cuda.get_rng_state(device)
-        save_atomic(ckpt, ckpt_path)
-
-    if ddp:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device_type == "cuda" else None)
-
-    # -----------------------------------------------------------------------------
-    # evaluation: sliding windows over each whole (padded) case, metrics on the unpadded voxels
-
-    def predict(logits):
-        """(1, K, H, W, D) logits -> (H, W, D) class map, or (H, W, D, R) region masks (sigmoid > 0.5)."""
-        if regions:
-            return (logits[0] > 0).permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()  # (R, ...) -> (..., R)
-        return logits[0].argmax(0).to(torch.uint8 if n_out <= 256 else torch.int16).cpu().numpy()
-
-    def case_metrics(pred, label, spacing, with_hd95):
-        """Per-class (or per-region) Dice and HD95 of one case, arrays over classes 1.. (NaN where undefined:
-        absent from both label and prediction). HD95 of a structure missed or hallucinated outright (one mask
-        empty) is the volume's diagonal in mm, so misses count against the mean instead of vanishing from it."""
-        diag = float(np.linalg.norm(np.array(label.shape) * spacing))
-        if regions:
-            lab = np.stack([np.isin(label, r) for r in regions], -1).astype(np.uint8)
-            d = np.array([metrics.dice(pred[..., r], lab[..., r], 2)[0] for r in range(len(regions))])
-            h = np.array([metrics.hd95(pred[..., r], lab[..., r], 2, spacing, empty=diag)[0]
-                          for r in range(len(regions))]) if with_hd95 else None
-            return d, h
-        d = metrics.dice(pred, label, num_classes)
-        return d, metrics.hd95(pred, label, num_classes, spacing, empty=diag) if with_hd95 else None
-
-    @torch.no_grad()
-    def evaluate(cases, overlap, with_hd95=False, pred_dir=None, desc="validation"):
-        """Rows {"case", "dice", "hd95", "prediction"} for every case; the ranks split the cases, then gather."""
-        raw_net.eval()
-        rows = []
-        for i in tqdm(range(rank, len(cases), world_size), desc=desc, leave=False, disable=not master_process):
-            case = get_case(cases[i])
-            x = torch.from_numpy(case["image"])[None].to(device)  # (1, C, H, W, D)
-            with autocast:
-                logits = sliding_window_inference(x, crop_size, raw_net, overlap, blend, sw_batch_size)
-            pred = predict(logits)[case["inner"]]  # padding cropped away
-            row = {"case": case["name"], "index": i, "dice": None, "hd95": None, "prediction": None}
-            if case["label"] is not None:
-                d, h = case_metrics(pred, case["label"][case["inner"]], case["spacing"], with_hd95)
-                row["dice"], row["hd95"] = d.tolist(), None if h is None else h.tolist()
-            if pred_dir:
-                arr, affine = to_input_grid(pred, case)
-                row["prediction"] = os.path.join(pred_dir, f"{case['name']}.nii.gz")
-                nib.save(nib.Nifti1Image(arr, affine), row["prediction"])
-            rows.append(row)
-        if dist.is_initialized():
-            gathered = [None] * world_size
-            dist.all_gather_object(gathered, rows)
-            rows = sorted(sum(gathered, []), key=lambda r: r["index"])
-        train_mode()
-        return rows
-
-    def summary(rows, key):
-        """(mean over cases per class, each case's mean over its classes); NaN (undefined) entries are skipped."""
-        v = np.array([r[key] for r in rows if r[key] is not None], dtype=np.float64)  # (cases, classes)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows/columns: the mean stays NaN
-            return np.nanmean(v, 0), np.nanmean(v, 1)
-
-    # -----------------------------------------------------------------------------
-    # logging
-
-    def git_sha():
-        try:
-            return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                           stderr=subprocess.DEVNULL).decode().strip()
-        except Exception:
-            return None
-
-    def log_line(d):
-        if "config" not in d:  # every row: wall seconds since start and the process's peak resident memory
-            kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-            d = {**d, "elapsed_s": round(time.time() - t_start, 1),
-                 "peak_rss_mb": round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024))}
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
-            f.write(json.dumps(d) + "\n")
-
-    if master_process and start_iter == 0:
-        open(os.path.join(out_dir, "log.jsonl"), "w").close()
-        log_line({"config": config, "git_sha": git_sha(), "world_size": world_size, "backbone": backbone_desc,
-                  "head_kwargs_used": head_kw})
-
-    # -----------------------------------------------------------------------------
-    # training loop: validate at 0, every eval_interval and at the end; then train one step
-    # sample counters k = iter_num·batch_size, ...: a resumed run reads the crops an uninterrupted one would have read
-    loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, num_workers=num_workers,
-                                         sampler=data.StepSampler(iter_num * batch_size),
-                                         pin_memory=device_type == "cuda")
-    batches = iter(loader)
-    pbar = None
-    if master_process:
-
-        pbar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, desc="finetune")
-    train_mode()
-    t_last, n_since = time.perf_counter(), 0
+def save_checkpoint():
+    ckpt = {"model": raw_net.state_dict(), "optimizer": optimizer.state_dict(), "iter_num": iter_num,
+            "best_val": best_val, "best_iter": best_iter, "history": history, "loss_sum": loss_sum,
+            "n_loss": n_loss, "config": config, "rng_cpu": torch.get_rng_state()}
     if device_type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    while True:
-        if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter > 0):
-            rows = evaluate(splits["validation"], val_overlap)
-            per_class, per_case = summary(rows, "dice")
-            val_dice = float(np.nanmean(per_case))
-            history["iters"].append(iter_num)
-            history["train_loss"].append(loss_sum / max(n_loss, 1) if n_loss else None)
-            history["val_dice"].append(val_dice)
-            history["val_dice_per_class"].append(per_class.tolist())
-            loss_sum, n_loss = 0.0, 0
-            if val_dice > best_val:
-                best_val, best_iter = val_dice, iter_num
-                if master_process:
-                    save_atomic({"model": raw_net.state_dict(), "iter_num": iter_num, "val_dice": val_dice,
-                                 "config": config}, best_path)
-            if master_process:
-                save_checkpoint()
-                log_line({"iter": iter_num, "val_dice": val_dice, "val_dice_per_class": per_class.tolist(),
-                          "best_val_dice": best_val, "best_iter": best_iter})
-                tqdm.write(f"iter {iter_num}: validation Dice {val_dice:.4f} (per class "
-                           f"{np.round(per_class, 3).tolist()}), best {best_val:.4f} at {best_iter}")
-        if iter_num == max_iters or (stop_at and iter_num == stop_at):
-            break
+        ckpt["rng_cuda"] = torch.cuda.get_rng_state(device)
+    save_atomic(ckpt, ckpt_path)
 
-        # one step: batch_size volumes x samples_per_volume crops, augmented on the device
-        # every random draw of step `iter_num` derives from (seed, rank, iter_num): the crops (sample counters),
-        # the augmentation generator and the global RNG (dropout, drop path), so a resumed run replays it exactly
-        torch.manual_seed(seed + 7919 * rank + 1_000_003 * iter_num)
-        gen = torch.Generator().manual_seed(data.mix_seed(seed, rank, iter_num, 1))
-        lr = get_lr(iter_num)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        batch = next(batches)
-        x = batch["image"].flatten(0, 1).to(device, non_blocking=True)  # (B, S, C, c, c, c) -> (B·S, C, c, c, c)
-        y = batch["label"].flatten(0, 1).to(device, non_blocking=True)  # (B·S, c, c, c)
-        xy = torch.cat([x, y[:, None].float()], 1)  # the label rides along as a channel: same flips and rotations
-        for axis in range(3):
-            xy = augment.random_flip(xy, axis, flip_prob, gen)
-        xy = augment.random_rot90(xy, (0, 1), rot90_prob, gen)
-        x, y = xy[:, :-1], xy[:, -1].round().long()
-        n = x.shape[0]
-        u = lambda a, p: (torch.rand(n, generator=gen) * 2 - 1) * a * (torch.rand(n, generator=gen) < p)  # noqa: E731
-        x = x * (1 + u(scale_intensity, scale_prob).to(device).view(-1, 1, 1, 1, 1))  # RandScaleIntensity
-        x = x + u(shift_intensity, shift_prob).to(device).view(-1, 1, 1, 1, 1)  # RandShiftIntensity
+
+if ddp:
+    net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device_type == "cuda" else None)
+
+# -----------------------------------------------------------------------------
+# evaluation: sliding windows over each whole (padded) case, metrics on the unpadded voxels
+
+
+def predict(logits):
+    """(1, K, H, W, D) logits -> (H, W, D) class map, or (H, W, D, R) region masks (sigmoid > 0.5)."""
+    if regions:
+        return (logits[0] > 0).permute(1, 2, 3, 0).to(torch.uint8).cpu().numpy()  # (R, ...) -> (..., R)
+    return logits[0].argmax(0).to(torch.uint8 if n_out <= 256 else torch.int16).cpu().numpy()
+
+
+def case_metrics(pred, label, spacing, with_hd95):
+    """Per-class (or per-region) Dice and HD95 of one case, arrays over classes 1.. (NaN where undefined:
+    absent from both label and prediction). HD95 of a structure missed or hallucinated outright (one mask
+    empty) is the volume's diagonal in mm, so misses count against the mean instead of vanishing from it."""
+    diag = float(np.linalg.norm(np.array(label.shape) * spacing))
+    if regions:
+        lab = np.stack([np.isin(label, r) for r in regions], -1).astype(np.uint8)
+        d = np.array([metrics.dice(pred[..., r], lab[..., r], 2)[0] for r in range(len(regions))])
+        h = np.array([metrics.hd95(pred[..., r], lab[..., r], 2, spacing, empty=diag)[0]
+                      for r in range(len(regions))]) if with_hd95 else None
+        return d, h
+    d = metrics.dice(pred, label, num_classes)
+    return d, metrics.hd95(pred, label, num_classes, spacing, empty=diag) if with_hd95 else None
+
+
+@torch.no_grad()
+def evaluate(cases, overlap, with_hd95=False, pred_dir=None, desc="validation"):
+    """Rows {"case", "dice", "hd95", "prediction"} for every case; the ranks split the cases, then gather."""
+    raw_net.eval()
+    rows = []
+    for i in tqdm(range(rank, len(cases), world_size), desc=desc, leave=False, disable=not master_process):
+        case = get_case(cases[i])
+        x = torch.from_numpy(case["image"])[None].to(device)  # (1, C, H, W, D)
         with autocast:
-            logits = net(x)
-        loss_t = seg_loss(logits, y, loss, regions)
-        if not torch.isfinite(loss_t):
-            raise FloatingPointError(f"non-finite loss at iteration {iter_num}; the last checkpoint {ckpt_path} "
-                                     "is intact (try a lower learning_rate)")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss_t).backward()
-        if clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for p in raw_net.parameters() if p.requires_grad], clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        iter_num += 1
-        loss_sum, n_loss, n_since = loss_sum + loss_t.item(), n_loss + 1, n_since + 1
-
-        if master_process:
-            pbar.update(1)
-            if iter_num % log_interval == 0 or iter_num == max_iters:
-                dt = time.perf_counter() - t_last
-                rec = {"iter": iter_num, "loss": loss_t.item(), "lr": lr,
-                       "crops_per_s": n_since * n * world_size / dt}
-                if device_type == "cuda":
-                    rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-                log_line(rec)
-                pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
-                t_last, n_since = time.perf_counter(), 0
-        if stop_at and iter_num == stop_at and iter_num % eval_interval != 0 and master_process:
-            save_checkpoint()  # stopping between evaluations: keep this step
-
-    if pbar is not None:
-        pbar.close()
-
-    # -----------------------------------------------------------------------------
-    # test pass with the best checkpoint -> results.json and NIfTI predictions
-    if iter_num == max_iters:
-        if os.path.exists(best_path):  # absent only if no validation Dice was ever defined (all NaN)
-            raw_net.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
-        pred_dir = os.path.join(out_dir, "predictions") if save_predictions else None
+            logits = adapter.sliding_window_inference(x, crop_size, raw_net, overlap, blend, sw_batch_size)
+        pred = predict(logits)[case["inner"]]  # padding cropped away
+        row = {"case": case["name"], "index": i, "dice": None, "hd95": None, "prediction": None}
+        if case["label"] is not None:
+            d, h = case_metrics(pred, case["label"][case["inner"]], case["spacing"], with_hd95)
+            row["dice"], row["hd95"] = d.tolist(), None if h is None else h.tolist()
         if pred_dir:
-            os.makedirs(pred_dir, exist_ok=True)
-        rows = evaluate(splits["test"], test_overlap, with_hd95=True, pred_dir=pred_dir, desc="test")
-        if master_process:
-            nan2none = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
-            clean = lambda a: [nan2none(float(v)) for v in a]  # noqa: E731
-            res = {"config": config, "git_sha": git_sha(), "backbone": backbone_desc, "best_iter": best_iter,
-                   "best_val_dice": best_val, "class_names": class_names, "n_train_cases": n_train,
-                   "hd95_note": "mm on the processed grid; a structure present in only one of prediction and "
-                                "label scores the volume diagonal; NaN/null where absent from both",
-                   "train_cases": [case_name(c) for c in splits["training"]],
-                   "iters_list": history["iters"], "train_loss_list": history["train_loss"],
-                   "val_dice_list": history["val_dice"], "val_per_cls_dice_list": history["val_dice_per_class"]}
-            for key in ("dice", "hd95") if any(r["dice"] is not None for r in rows) else ():  # unlabelled: none
-                per_class, per_case = summary(rows, key)
-                values = np.array([r[key] for r in rows if r[key] is not None], dtype=np.float64)
-                mean, lo, hi = metrics.bootstrap_ci(per_case, n_boot=1000, seed=seed)
-                cis = [metrics.bootstrap_ci(values[:, c], n_boot=1000, seed=seed) for c in range(values.shape[1])]
-                res[f"test_{key}_mean"] = nan2none(mean)
-                res[f"test_{key}_ci"] = clean([lo, hi])
-                res[f"test_{key}_per_class"] = clean(per_class)
-                res[f"test_{key}_per_class_ci"] = [clean(ci[1:]) for ci in cis]
-            res["test_cases"] = [{"case": r["case"], "dice": r["dice"] and clean(r["dice"]),
-                                  "hd95": r["hd95"] and clean(r["hd95"]), "prediction": r["prediction"]} for r in rows]
-            with open(os.path.join(out_dir, "results.json"), "w") as f:
-                json.dump(res, f, indent=1)
-            log_line({"iter": iter_num, "test_dice_mean": res.get("test_dice_mean"),
-                      "test_hd95_mean": res.get("test_hd95_mean")})
-            f4 = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-            if "test_dice_mean" in res:
-                print(f"test ({len(rows)} cases, best iteration {best_iter}): Dice {f4(res['test_dice_mean'])} "
-                      f"[{f4(res['test_dice_ci'][0])}, {f4(res['test_dice_ci'][1])}], per class "
-                      f"{[f4(v) for v in res['test_dice_per_class']]}; HD95 {f4(res['test_hd95_mean'])} mm")
-            print(f"wrote {os.path.join(out_dir, 'results.json')}")
-    elif master_process:
-        print(f"stopped at iteration {iter_num} (stop_at); continue with --resume=True")
+            arr, affine = data.to_input_grid(pred, case)
+            row["prediction"] = os.path.join(pred_dir, f"{case['name']}.nii.gz")
+            nib.save(nib.Nifti1Image(arr, affine), row["prediction"])
+        rows.append(row)
+    if dist.is_initialized():
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, rows)
+        rows = sorted(sum(gathered, []), key=lambda r: r["index"])
+    train_mode()
+    return rows
 
-    # -----------------------------------------------------------------------------
-    # cleanup
-    if ddp:
-        dist.destroy_process_group()
+
+def summary(rows, key):
+    """(mean over cases per class, each case's mean over its classes); NaN (undefined) entries are skipped."""
+    v = np.array([r[key] for r in rows if r[key] is not None], dtype=np.float64)  # (cases, classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows/columns: the mean stays NaN
+        return np.nanmean(v, 0), np.nanmean(v, 1)
+
+
+# -----------------------------------------------------------------------------
+# logging
+
+
+def git_sha():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return None
+
+
+def log_line(d):
+    if "config" not in d:  # every row: wall seconds since start and the process's peak resident memory
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+        d = {**d, "elapsed_s": round(time.time() - t_start, 1),
+             "peak_rss_mb": round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024))}
+    with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(d) + "\n")
+
+
+if master_process and start_iter == 0:
+    open(os.path.join(out_dir, "log.jsonl"), "w").close()
+    log_line({"config": config, "git_sha": git_sha(), "world_size": world_size, "backbone": backbone_desc,
+              "head_kwargs_used": head_kw})
+
+# -----------------------------------------------------------------------------
+# training loop: validate at 0, every eval_interval and at the end; then train one step
+# sample counters k = iter_num·batch_size, ...: a resumed run reads the crops an uninterrupted one would have read
+loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, num_workers=num_workers,
+                                     sampler=data.StepSampler(iter_num * batch_size),
+                                     pin_memory=device_type == "cuda")
+batches = iter(loader)
+pbar = None
+if master_process:
+
+    pbar = tqdm(total=max_iters, initial=iter_num, dynamic_ncols=True, desc="finetune")
+train_mode()
+t_last, n_since = time.perf_counter(), 0
+if device_type == "cuda":
+    torch.cuda.reset_peak_memory_stats(device)
+while True:
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter > 0):
+        rows = evaluate(splits["validation"], val_overlap)
+        per_class, per_case = summary(rows, "dice")
+        val_dice = float(np.nanmean(per_case))
+        history["iters"].append(iter_num)
+        history["train_loss"].append(loss_sum / max(n_loss, 1) if n_loss else None)
+        history["val_dice"].append(val_dice)
+        history["val_dice_per_class"].append(per_class.tolist())
+        loss_sum, n_loss = 0.0, 0
+        if val_dice > best_val:
+            best_val, best_iter = val_dice, iter_num
+            if master_process:
+                save_atomic({"model": raw_net.state_dict(), "iter_num": iter_num, "val_dice": val_dice,
+                             "config": config}, best_path)
+        if master_process:
+            save_checkpoint()
+            log_line({"iter": iter_num, "val_dice": val_dice, "val_dice_per_class": per_class.tolist(),
+                      "best_val_dice": best_val, "best_iter": best_iter})
+            tqdm.write(f"iter {iter_num}: validation Dice {val_dice:.4f} (per class "
+                       f"{np.round(per_class, 3).tolist()}), best {best_val:.4f} at {best_iter}")
+    if iter_num == max_iters or (stop_at and iter_num == stop_at):
+        break
+
+    # one step: batch_size volumes x samples_per_volume crops, augmented on the device
+    # every random draw of step `iter_num` derives from (seed, rank, iter_num): the crops (sample counters),
+    # the augmentation generator and the global RNG (dropout, drop path), so a resumed run replays it exactly
+    torch.manual_seed(seed + 7919 * rank + 1_000_003 * iter_num)
+    gen = torch.Generator().manual_seed(data.mix_seed(seed, rank, iter_num, 1))
+    lr = get_lr(iter_num)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    batch = next(batches)
+    x = batch["image"].flatten(0, 1).to(device, non_blocking=True)  # (B, S, C, c, c, c) -> (B·S, C, c, c, c)
+    y = batch["label"].flatten(0, 1).to(device, non_blocking=True)  # (B·S, c, c, c)
+    xy = torch.cat([x, y[:, None].float()], 1)  # the label rides along as a channel: same flips and rotations
+    for axis in range(3):
+        xy = augment.random_flip(xy, axis, flip_prob, gen)
+    xy = augment.random_rot90(xy, (0, 1), rot90_prob, gen)
+    x, y = xy[:, :-1], xy[:, -1].round().long()
+    n = x.shape[0]
+    u = lambda a, p: (torch.rand(n, generator=gen) * 2 - 1) * a * (torch.rand(n, generator=gen) < p)  # noqa: E731
+    x = x * (1 + u(scale_intensity, scale_prob).to(device).view(-1, 1, 1, 1, 1))  # RandScaleIntensity
+    x = x + u(shift_intensity, shift_prob).to(device).view(-1, 1, 1, 1, 1)  # RandShiftIntensity
+    with autocast:
+        logits = net(x)
+    loss_t = losses.seg_loss(logits, y, loss, regions)
+    if not torch.isfinite(loss_t):
+        raise FloatingPointError(f"non-finite loss at iteration {iter_num}; the last checkpoint {ckpt_path} "
+                                 "is intact (try a lower learning_rate)")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss_t).backward()
+    if clip_grad > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in raw_net.parameters() if p.requires_grad], clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    iter_num += 1
+    loss_sum, n_loss, n_since = loss_sum + loss_t.item(), n_loss + 1, n_since + 1
+
+    if master_process:
+        pbar.update(1)
+        if iter_num % log_interval == 0 or iter_num == max_iters:
+            dt = time.perf_counter() - t_last
+            rec = {"iter": iter_num, "loss": loss_t.item(), "lr": lr,
+                   "crops_per_s": n_since * n * world_size / dt}
+            if device_type == "cuda":
+                rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            log_line(rec)
+            pbar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+            t_last, n_since = time.perf_counter(), 0
+    if stop_at and iter_num == stop_at and iter_num % eval_interval != 0 and master_process:
+        save_checkpoint()  # stopping between evaluations: keep this step
+
+if pbar is not None:
+    pbar.close()
+
+# -----------------------------------------------------------------------------
+# test pass with the best checkpoint -> results.json and NIfTI predictions
+if iter_num == max_iters:
+    if os.path.exists(best_path):  # absent only if no validation Dice was ever defined (all NaN)
+        raw_net.load_state_dict(torch.load(best_path, map_location=device, weights_only=True)["model"])
+    pred_dir = os.path.join(out_dir, "predictions") if save_predictions else None
+    if pred_dir:
+        os.makedirs(pred_dir, exist_ok=True)
+    rows = evaluate(splits["test"], test_overlap, with_hd95=True, pred_dir=pred_dir, desc="test")
+    if master_process:
+        nan2none = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
+        clean = lambda a: [nan2none(float(v)) for v in a]  # noqa: E731
+        res = {"config": config, "git_sha": git_sha(), "backbone": backbone_desc, "best_iter": best_iter,
+               "best_val_dice": best_val, "class_names": class_names, "n_train_cases": n_train,
+               "hd95_note": "mm on the processed grid; a structure present in only one of prediction and "
+                            "label scores the volume diagonal; NaN/null where absent from both",
+               "train_cases": [data.case_name(c) for c in splits["training"]],
+               "iters_list": history["iters"], "train_loss_list": history["train_loss"],
+               "val_dice_list": history["val_dice"], "val_per_cls_dice_list": history["val_dice_per_class"]}
+        for key in ("dice", "hd95") if any(r["dice"] is not None for r in rows) else ():  # unlabelled: none
+            per_class, per_case = summary(rows, key)
+            values = np.array([r[key] for r in rows if r[key] is not None], dtype=np.float64)
+            mean, lo, hi = metrics.bootstrap_ci(per_case, n_boot=1000, seed=seed)
+            cis = [metrics.bootstrap_ci(values[:, c], n_boot=1000, seed=seed) for c in range(values.shape[1])]
+            res[f"test_{key}_mean"] = nan2none(mean)
+            res[f"test_{key}_ci"] = clean([lo, hi])
+            res[f"test_{key}_per_class"] = clean(per_class)
+            res[f"test_{key}_per_class_ci"] = [clean(ci[1:]) for ci in cis]
+        res["test_cases"] = [{"case": r["case"], "dice": r["dice"] and clean(r["dice"]),
+                              "hd95": r["hd95"] and clean(r["hd95"]), "prediction": r["prediction"]} for r in rows]
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(res, f, indent=1)
+        log_line({"iter": iter_num, "test_dice_mean": res.get("test_dice_mean"),
+                  "test_hd95_mean": res.get("test_hd95_mean")})
+        f4 = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+        if "test_dice_mean" in res:
+            print(f"test ({len(rows)} cases, best iteration {best_iter}): Dice {f4(res['test_dice_mean'])} "
+                  f"[{f4(res['test_dice_ci'][0])}, {f4(res['test_dice_ci'][1])}], per class "
+                  f"{[f4(v) for v in res['test_dice_per_class']]}; HD95 {f4(res['test_hd95_mean'])} mm")
+        print(f"wrote {os.path.join(out_dir, 'results.json')}")
+elif master_process:
+    print(f"stopped at iteration {iter_num} (stop_at); continue with --resume=True")
+
+# -----------------------------------------------------------------------------
+# cleanup
+if ddp:
+    dist.destroy_process_group()

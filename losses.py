@@ -378,6 +378,41 @@ def koleo_loss(x: Tensor, eps: float = 1e-8, check: bool = True) -> Tensor:
     return _check_finite(loss, "koleo_loss") if check else loss
 
 
+# ============ segmentation losses (MONAI DiceLoss / DiceCELoss semantics), for finetune_seg.py ============
+
+
+def dice_loss(probs, target, squared: bool = False, smooth_nr: float = 1e-5, smooth_dr: float = 1e-5):
+    """1 − (2 Σ p·g + smooth_nr) / (Σ p + Σ g + smooth_dr), per sample and channel, then the mean (MONAI's
+    DiceLoss with include_background=True, batch=False). probs, target: (B, K, H, W, D); `squared` sums p², g²
+    in the denominator (squared_pred=True, used for BraTS). A channel empty in both scores loss 0."""
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * target).sum(dims)
+    denom = (probs ** 2).sum(dims) + (target ** 2).sum(dims) if squared else probs.sum(dims) + target.sum(dims)
+    return (1 - (2 * inter + smooth_nr) / (denom + smooth_dr)).mean()
+
+
+def label_to_regions(label, regions):
+    """Integer label map (B, H, W, D) -> float region masks (B, R, H, W, D); region r = label ∈ regions[r]
+    (BraTS: TC = {1, 3}, WT = {1, 2, 3}, ET = {3}; regions overlap, so they are sigmoid channels)."""
+    return torch.stack([torch.isin(label, torch.tensor(r, device=label.device)) for r in regions], 1).float()
+
+
+def seg_loss(logits, label, loss: str = "dice_ce", regions=None):
+    """logits (B, K, H, W, D), label (B, H, W, D) int64 -> scalar.
+    "dice_ce": Dice(softmax, one-hot) + CE (BTCV, LA-SEG, TDSC-ABUS);  "dice": Dice(softmax, one-hot) only;
+    "sigmoid_dice": Dice(sigmoid, region masks, squared, smooth_nr 0, smooth_dr 1e-5) (BraTS)."""
+    logits = logits.float()
+    if loss == "sigmoid_dice":
+        return dice_loss(torch.sigmoid(logits), label_to_regions(label, regions), squared=True, smooth_nr=0.0)
+    onehot = F.one_hot(label, logits.shape[1]).permute(0, 4, 1, 2, 3).float()  # (B, H, W, D, K) -> (B, K, H, W, D)
+    dl = dice_loss(torch.softmax(logits, 1), onehot)
+    if loss == "dice":
+        return dl
+    if loss == "dice_ce":
+        return dl + F.cross_entropy(logits, label)
+    raise ValueError(f"loss must be 'dice', 'dice_ce' or 'sigmoid_dice', got {loss!r}")
+
+
 if __name__ == "__main__":
     # a 5-second tour: closed forms anyone can check by hand
     torch.manual_seed(0)

@@ -1,5 +1,5 @@
-"""finetune_seg.py: sliding-window inference, Dice losses, the way back to the input file's grid, the backbone and
-head choices (random init of a checkpoint's architecture, head options of another head), and the script itself run
+"""Segmentation: sliding-window inference and head options (adapter.py), the Dice losses (losses.py), the way back
+to the input file's grid (data.py), the backbone and head choices (random init of a checkpoint's architecture, head options of another head), and the script itself run
 end to end (learns on synthetic phantoms stored as NIfTI, resumes exactly, rejects bad datalists, any head with any
 config)."""
 import json
@@ -15,8 +15,9 @@ import torch
 
 from conftest import ROOT
 
+import adapter
 import data
-import finetune_seg as fs
+import losses
 import metrics
 import model
 
@@ -34,31 +35,31 @@ def test_sliding_window_equals_whole_volume_forward(blend, overlap):
     x = torch.randn(2, 2, 23, 17, 9)
     with torch.no_grad():
         want = net(x)
-    got = fs.sliding_window_inference(x, (8, 8, 12), net, overlap=overlap, blend=blend, sw_batch_size=3)
+    got = adapter.sliding_window_inference(x, (8, 8, 12), net, overlap=overlap, blend=blend, sw_batch_size=3)
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_window_starts_cover_the_axis():
     for size, roi, overlap in [(23, 8, 0.0), (23, 8, 0.5), (112, 112, 0.75), (300, 112, 0.75), (9, 8, 0.25)]:
-        starts = fs.window_starts(size, roi, overlap)
+        starts = adapter.window_starts(size, roi, overlap)
         covered = np.zeros(size, bool)
         for s in starts:
             covered[s:s + roi] = True
         assert covered.all() and starts[0] == 0 and starts[-1] == size - roi
         assert all(b - a <= max(int(roi * (1 - overlap)), 1) for a, b in zip(starts, starts[1:]))
-    assert fs.window_starts(300, 112, 0.75) == [0, 28, 56, 84, 112, 140, 168, 188]  # step 28, last one moved back
+    assert adapter.window_starts(300, 112, 0.75) == [0, 28, 56, 84, 112, 140, 168, 188]  # step 28, last one moved back
 
 
 def test_gaussian_blending_weights_the_window_centre():
-    w = fs.importance_map((9, 9, 9), "gaussian")
+    w = adapter.importance_map((9, 9, 9), "gaussian")
     assert w[4, 4, 4] == 1 and w.min() > 0 and w[0, 0, 0] < 1e-3
     # the constant blend of two windows that disagree is their mean, the Gaussian one favours the nearer centre
     x = torch.zeros(1, 1, 12, 8, 8)
 
     def run(blend):
         calls = iter([0.0, 1.0])  # window 0 (rows 0-7) says 0, window 1 (rows 4-11) says 1
-        return fs.sliding_window_inference(x, 8, lambda xb: torch.full_like(xb, next(calls)), 0.5, blend)[0, 0, :, 4, 4]
+        return adapter.sliding_window_inference(x, 8, lambda xb: torch.full_like(xb, next(calls)), 0.5, blend)[0, 0, :, 4, 4]
 
     const, gauss = run("constant"), run("gaussian")
     assert const[:4].eq(0).all() and const[4:8].eq(0.5).all() and const[8:].eq(1).all()
@@ -73,12 +74,12 @@ def test_gaussian_blending_weights_the_window_centre():
 def test_dice_loss_hand_cases():
     p = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 4, 1, 1)
     g = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 4, 1, 1)
-    assert math.isclose(fs.dice_loss(p, g).item(), 1 - (2 + 1e-5) / (3 + 1e-5), rel_tol=1e-6)  # 1/3
-    assert fs.dice_loss(g, g).item() < 1e-6
-    assert fs.dice_loss(torch.zeros_like(g), torch.zeros_like(g)).item() < 1e-6  # empty in both: no penalty
+    assert math.isclose(losses.dice_loss(p, g).item(), 1 - (2 + 1e-5) / (3 + 1e-5), rel_tol=1e-6)  # 1/3
+    assert losses.dice_loss(g, g).item() < 1e-6
+    assert losses.dice_loss(torch.zeros_like(g), torch.zeros_like(g)).item() < 1e-6  # empty in both: no penalty
     # squared_pred (BraTS): Σp² in the denominator
     q = torch.full((1, 1, 4, 1, 1), 0.5)
-    assert math.isclose(fs.dice_loss(q, g, squared=True, smooth_nr=0.0).item(), 1 - 1.0 / (1.0 + 1.0 + 1e-5),
+    assert math.isclose(losses.dice_loss(q, g, squared=True, smooth_nr=0.0).item(), 1 - 1.0 / (1.0 + 1.0 + 1e-5),
                         rel_tol=1e-5)
 
 
@@ -86,21 +87,21 @@ def test_dice_ce_perfect_and_uniform():
     torch.manual_seed(0)
     label = torch.randint(0, 4, (2, 6, 5, 7))
     onehot = torch.nn.functional.one_hot(label, 4).permute(0, 4, 1, 2, 3).float()
-    assert fs.seg_loss(50 * onehot, label, "dice_ce").item() < 1e-4  # perfect prediction -> ~0
-    assert fs.seg_loss(50 * onehot, label, "dice").item() < 1e-4
-    assert fs.seg_loss(-50 * onehot, label, "dice").item() > 0.99  # every voxel wrong -> ~1
+    assert losses.seg_loss(50 * onehot, label, "dice_ce").item() < 1e-4  # perfect prediction -> ~0
+    assert losses.seg_loss(50 * onehot, label, "dice").item() < 1e-4
+    assert losses.seg_loss(-50 * onehot, label, "dice").item() > 0.99  # every voxel wrong -> ~1
     uniform = torch.zeros(2, 4, 6, 5, 7)
-    ce = fs.seg_loss(uniform, label, "dice_ce").item() - fs.seg_loss(uniform, label, "dice").item()
+    ce = losses.seg_loss(uniform, label, "dice_ce").item() - losses.seg_loss(uniform, label, "dice").item()
     assert math.isclose(ce, math.log(4), rel_tol=1e-5)  # CE of a uniform softmax = log K
 
 
 def test_sigmoid_dice_on_brats_regions():
     regions = [[1, 3], [1, 2, 3], [3]]  # TC, WT, ET
     label = torch.tensor([0, 1, 2, 3]).view(1, 4, 1, 1)
-    r = fs.label_to_regions(label, regions)[0, :, :, 0, 0]  # (R, 4)
+    r = losses.label_to_regions(label, regions)[0, :, :, 0, 0]  # (R, 4)
     assert r.tolist() == [[0, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
-    logits = 50 * (2 * fs.label_to_regions(label, regions) - 1)
-    assert fs.seg_loss(logits, label, "sigmoid_dice", regions).item() < 1e-4
+    logits = 50 * (2 * losses.label_to_regions(label, regions) - 1)
+    assert losses.seg_loss(logits, label, "sigmoid_dice", regions).item() < 1e-4
 
 
 # -----------------------------------------------------------------------------
@@ -124,11 +125,11 @@ def test_prediction_goes_back_to_the_input_grid(tmp_path, target_spacing, crop_f
     image[:, :, :2] = image.min()  # a border of background, for the foreground crop
     affine = np.array([[0, 0, -1.0, 40], [-1.5, 0, 0, 20], [0, 2.0, 0, -10], [0, 0, 0, 1]])
     img_p, lab_p = _write(tmp_path / "img.nii.gz", image, affine), _write(tmp_path / "lab.nii.gz", label, affine)
-    case = fs.prepare_case({"image": img_p, "label": lab_p}, crop_size=16, target_spacing=target_spacing,
+    case = data.prepare_case({"image": img_p, "label": lab_p}, crop_size=16, target_spacing=target_spacing,
                            crop_foreground=crop_foreground)
     assert all(s >= 16 for s in case["image"].shape[1:]) and case["image"].min() == -1
     pred = case["label"][case["inner"]].astype(np.uint8)
-    back, back_affine = fs.to_input_grid(pred, case)
+    back, back_affine = data.to_input_grid(pred, case)
     np.testing.assert_array_equal(back_affine, affine)
     assert back.shape == label.shape
     if target_spacing is None:
@@ -188,14 +189,14 @@ def test_random_init_is_the_checkpoints_architecture_with_pretrainings_init(tmp_
 
 def test_head_options_of_another_head_are_dropped():
     kw = {"feature_size": 8, "deform_num_heads": 2}  # configs/seg_synthetic.py: the ViT-Adapter's options
-    assert fs.head_options("vit_adapter_unetr", kw) == (kw, [])  # deform_num_heads reaches ViTAdapter
-    assert fs.head_options("unetr", kw) == ({"feature_size": 8}, ["deform_num_heads"])
-    assert fs.head_options("linear", kw) == ({}, ["deform_num_heads", "feature_size"])
-    assert fs.head_options("linear", {"mix_single_channel": True}) == ({"mix_single_channel": True}, [])
+    assert adapter.head_options("vit_adapter_unetr", kw) == (kw, [])  # deform_num_heads reaches ViTAdapter
+    assert adapter.head_options("unetr", kw) == ({"feature_size": 8}, ["deform_num_heads"])
+    assert adapter.head_options("linear", kw) == ({}, ["deform_num_heads", "feature_size"])
+    assert adapter.head_options("linear", {"mix_single_channel": True}) == ({"mix_single_channel": True}, [])
     with pytest.raises(ValueError, match="feature_sze"):  # an option of no head is a typo, not dropped
-        fs.head_options("linear", {"feature_sze": 8})
+        adapter.head_options("linear", {"feature_sze": 8})
     with pytest.raises(ValueError, match="unknown segmentation head"):
-        fs.head_options("unet", {})
+        adapter.head_options("unet", {})
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@ import torch
 
 import augment
 import data
-import finetune_seg as fs
 import model
 from conftest import ROOT, requires_shared
 
@@ -98,12 +97,12 @@ def test_make_datalist_then_prepare_from_another_folder(tmp_path):
 
 def test_cases_with_the_same_file_name_get_distinct_names():
     items = [{"image": "/a/x/case1.nii.gz"}, {"image": "/a/y/case1.nii.gz"}, {"image": "/a/case2.nii.gz"}]
-    fs.unique_names(items)
-    names = [fs.case_name(it) for it in items]
+    data.unique_names(items)
+    names = [data.case_name(it) for it in items]
     assert names == ["x_case1", "y_case1", "case2"]
     items = [{"image": "/a/x/c.nii.gz"}, {"image": "/b/x/c.nii.gz"}]  # same folder name too: a number decides
-    fs.unique_names(items)
-    assert len({fs.case_name(it) for it in items}) == 2
+    data.unique_names(items)
+    assert len({data.case_name(it) for it in items}) == 2
 
 
 def test_zero_voxel_spacing_in_the_header_is_refused(tmp_path):
@@ -119,19 +118,21 @@ def test_zero_voxel_spacing_in_the_header_is_refused(tmp_path):
 
 
 def test_constant_and_all_nan_cases_are_reported(tmp_path):
-    const, nan = tmp_path / "const.nii.gz", tmp_path / "nan.nii.gz"
-    lab = tmp_path / "lab.nii.gz"
-    nib.save(nib.Nifti1Image(np.full((12, 12, 12), 3.0, np.float32), np.eye(4)), const)
-    nib.save(nib.Nifti1Image(np.full((12, 12, 12), np.nan, np.float32), np.eye(4)), nan)
-    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.uint8), np.eye(4)), lab)
-    warn = fs.check_case({"image": str(const), "label": str(lab)}, 1, 3, True)
-    assert warn == [f"warning: case const: {const} is constant (one value everywhere)"]
-    bad = fs.check_case({"image": str(nan), "label": str(lab)}, 1, 3, True)
-    assert len(bad) == 1 and "without a single finite voxel" in bad[0]
-    truncated = tmp_path / "cut.nii.gz"
-    truncated.write_bytes(const.read_bytes()[:100])
-    bad = fs.check_case({"image": str(truncated), "label": str(lab)}, 1, 3, True)
-    assert len(bad) == 1 and "unreadable" in bad[0] and str(truncated) in bad[0]
+    """finetune_seg.py reads every file whole before training: an all-NaN or truncated image is an error that
+    names the case (all of them in one message), a constant one a warning."""
+    ok = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
+    for name, arr in (("ok", ok), ("const", np.full((12, 12, 12), 3.0, np.float32)),
+                      ("nan", np.full((12, 12, 12), np.nan, np.float32))):
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.uint8), np.eye(4)), tmp_path / "lab.nii.gz")
+    (tmp_path / "cut.nii.gz").write_bytes((tmp_path / "ok.nii.gz").read_bytes()[:100])
+    items = [{"image": f"{n}.nii.gz", "label": "lab.nii.gz"} for n in ("ok", "const", "nan", "cut")]
+    (tmp_path / "dl.json").write_text(json.dumps({"training": items[:2], "validation": items[2:3], "test": items[3:]}))
+    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--datalist={tmp_path / 'dl.json'}",
+               f"--out_dir={tmp_path / 'run'}")
+    assert_input_error(p, "2 bad case(s)", "case nan:", "without a single finite voxel", "case cut:", "unreadable")
+    assert "warning: case const:" in p.stdout and "is constant" in p.stdout
+    assert "case ok" not in p.stderr
 
 
 # ---- clear errors ----------------------------------------------------------------------------------------------
