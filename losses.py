@@ -17,13 +17,10 @@ Conventions (those of the reference's collate):
   local rows  (8B, K) are crop-major too: `.chunk(8)` gives the 8 local crops
   patch rows  (M, K) are the M masked tokens, row-major over the (2B, N) bool masks
 
-Precision: every function casts its inputs to fp32 before any exp / softmax / log, whatever dtype (bf16, fp16)
-the heads ran in, and returns fp32. With teacher_temp = 0.04 a logit of 3.6 already gives exp(90) = inf in fp32,
-and bf16 has 8 mantissa bits, so nothing below is done in low precision.
-
-Distributed: `sinkhorn_knopp` and `update_center` need statistics over the whole global batch, so they all-reduce
-(sum, max, row counts) when a process group is initialised, and are plain single-process functions otherwise.
-The losses themselves are local means; DDP's gradient averaging turns them into global means.
+Precision: every function computes in fp32 whatever dtype the heads ran in (bf16 has 8 mantissa bits; at
+teacher_temp 0.04 a logit of 3.6 gives exp(90) = inf even in fp32). Distributed: `sinkhorn_knopp` and
+`update_center` all-reduce their batch statistics when a process group exists; the losses are local means that
+DDP's gradient averaging turns into global ones.
 """
 
 import torch
@@ -53,43 +50,23 @@ def _check_finite(loss: Tensor, name: str) -> Tensor:
 @torch.no_grad()
 def sinkhorn_knopp(teacher_logits: Tensor, teacher_temp: float, n_iters: int = 3) -> Tensor:
     """
-    Teacher probabilities by Sinkhorn-Knopp normalisation (DINOv2 / SwAV), the default `centering`.
+    Teacher probabilities by Sinkhorn-Knopp normalisation (DINOv2 / SwAV), the default `centering`:
 
-    For logits T (n, K) -- n rows of *this* rank, n_total over all ranks -- it looks for the matrix
-        P = diag(u) exp(T / teacher_temp) diag(v)            (n_total, K)
-    whose rows sum to 1 (each sample is a distribution over prototypes) and whose columns all sum to n_total / K
-    (each prototype gets the same share of the batch). That forbids the collapse where every sample picks the
-    same prototype, without the running center of DINO v1. The fixed point is approached by alternating the two
-    normalisations; the reference stops after 3 rounds, so with sharp logits the prototype marginals are only
-    roughly uniform, while the row sums are exactly 1 (the last step normalises the rows).
+        P = diag(u) exp(T / teacher_temp) diag(v)     (n_total, K), rows summing to 1, columns to n_total / K
 
-    Recipe, in fp32, Q = P^T (K, n):
-        Q = exp((T - max_rows T) / teacher_temp)^T            max per prototype, over all ranks
-        Q /= sum(Q)                                         total over all ranks
-        repeat n_iters times:
-            Q /= Q.sum(dim=1, keepdim=True); Q /= K          prototype sums, over all ranks -> each 1/K
-            Q /= Q.sum(dim=0, keepdim=True); Q /= n_total    sample sums, local            -> each 1/n_total
-        return (Q * n_total)^T                              rows sum to 1
+    T (n, K) are this rank's logits, n_total the rows of all ranks. Equal column sums give every prototype the same
+    share of the batch, which forbids the collapse onto one prototype without DINO v1's running center. As the
+    reference, n_iters rounds of alternating normalisation, in fp32, with Q = P^T (K, n):
+        Q = exp((T - max_rows T) / teacher_temp)^T;  Q /= sum(Q)
+        repeat n_iters: Q /= K * Q.sum(1, keepdim)  (prototypes, all ranks);  Q /= n_total * Q.sum(0, keepdim)
+        return (n_total * Q)^T                        rows sum to 1 exactly; column sums only roughly equal
+    Subtracting each prototype's max (all-reduced) is the one difference from the reference: the first prototype
+    normalisation divides it out again, but the reference's exp overflows once a logit exceeds ~3.5 at
+    teacher_temp 0.04. The sums, maxima and row count are all-reduced, so each rank gets its rows of the Sinkhorn
+    matrix of the whole global batch; ranks may hold different numbers of rows, even none (every rank must call).
 
-    One difference from the reference: we subtract each prototype's max logit (over all rows, all-reduced MAX)
-    before exp. That multiplies row k of Q by the constant exp(-max_k / teacher_temp), which the first prototype
-    normalisation divides out again, so the result is mathematically identical -- but the reference's exp
-    overflows to inf (and then NaN) once any logit exceeds ~3.5 at teacher_temp 0.04, and a single global max
-    would let a prototype whose logits all sit > ~87 * teacher_temp below it underflow to an all-zero row (NaN).
-
-    Distributed: the total sum, the max, the prototype sums and the row count are all-reduced, so the result on
-    each rank is its own rows of the Sinkhorn matrix of the concatenated global batch. Ranks may hold different
-    numbers of rows, including none (iBOT on a rank with no masked token); every rank must still call this.
-    The reference uses n = B * world_size for DINO and the all-reduced token count for iBOT; the all-reduced row
-    count used here is the same number in both cases.
-
-    Args:
-        teacher_logits: (n, K) teacher head outputs, any float dtype. For DINO the 2B global rows (both crops
-            together, so the marginal constraint spans the whole batch); for iBOT the M masked-token rows.
-        teacher_temp: tau_t, 0.04 -> 0.07 over warm-up in the paper.
-        n_iters: Sinkhorn rounds (3 in the reference).
-    Returns:
-        (n, K) fp32 probabilities, rows in the input's order. No gradient (the teacher is a target).
+    teacher_logits: (n, K), any float dtype — for DINO both global crops' 2B rows together, for iBOT the M masked
+    tokens. Returns (n, K) fp32 probabilities in the input's row order, no gradient.
     """
     if teacher_logits.ndim != 2:
         raise ValueError(f"losses.py: sinkhorn_knopp expects (n, K) logits, got shape {tuple(teacher_logits.shape)}")
@@ -138,15 +115,8 @@ def softmax_center(teacher_logits: Tensor, center: Tensor, teacher_temp: float) 
         P = softmax((T - c) / teacher_temp, dim=-1)
 
     Subtracting the running mean c stops one prototype from dominating; the low temperature stops the opposite
-    collapse to the uniform distribution.
-
-    Args:
-        teacher_logits: (..., K) teacher head outputs, any float dtype.
-        center: the running mean, K numbers in any shape ((1, K) for DINO and (1, 1, K) for iBOT in reference
-            checkpoints); broadcast along the last axis of the logits.
-        teacher_temp: tau_t.
-    Returns:
-        fp32 probabilities with the shape of `teacher_logits`. No gradient.
+    collapse to uniform. teacher_logits (..., K), any float dtype; center: K numbers in any shape ((1, K) for
+    DINO, (1, 1, K) for iBOT in reference checkpoints). Returns fp32 probabilities shaped like the logits.
     """
     K = teacher_logits.shape[-1]
     if center.numel() != K:
@@ -163,19 +133,9 @@ def update_center(center: Tensor, teacher_logits: Tensor, momentum: float = 0.9)
 
         c <- momentum * c + (1 - momentum) * mean over all rows of all ranks of T
 
-    The mean is a global one: the row sum and the row count are all-reduced, so ranks may hold different numbers
-    of rows (the reference divides by len * world_size, the same number when rows are equal).
-
-    The reference records the batch mean in one step and applies it lazily at the start of the next
-    `softmax_center` call; calling `softmax_center` and then `update_center` in the same step is the same thing:
-        probs = softmax_center(T, center, tau);  center = update_center(center, T)
-
-    Args:
-        center: K numbers in any shape ((1, K) or (1, 1, K)); not modified.
-        teacher_logits: (..., K) teacher logits; for iBOT the masked-token rows (M, K).
-        momentum: 0.9 in the reference.
-    Returns:
-        the new center, same shape and dtype as `center`.
+    Row sums and row counts are all-reduced, so ranks may hold different numbers of rows. The reference applies the
+    batch mean lazily at the next `softmax_center` call; `probs = softmax_center(T, c, tau); c = update_center(c,
+    T)` in one step is the same. Returns the new center with `center`'s shape and dtype (`center` is not modified).
     """
     K = teacher_logits.shape[-1]
     if center.numel() != K:
@@ -217,29 +177,15 @@ def dino_loss(
         L = 1/n_pairs * sum_{t in globals} sum_{s in all crops, s != t} mean_b H(P_t[b], S_s[b])
         H(p, s) = -sum_k p_k log softmax(s / student_temp)_k
 
-    Each teacher global crop supervises every *other* crop of the same image: the other global crop and all
-    local crops. Local crops are never targets, and a global crop is never paired with itself. For 2 global
-    and 8 local crops n_pairs = 2*1 + 2*8 = 18, and L equals the reference's
-    `dino_local_crops_loss + dino_global_crops_loss` (its /18 normalisation, its x2 on the global term).
+    Each teacher global crop supervises every other crop of the image; local crops are never targets. For 2 global
+    and 8 local crops n_pairs = 2 + 16 = 18, and L equals the reference's `dino_local_crops_loss +
+    dino_global_crops_loss`. The teacher list is in natural crop order and pairs by crop index, which is the
+    reference's swap of the two global chunks. With no local crops n_pairs = 2 (the reference's formula would say 3).
 
-    The reference's crop swap: it reverses the teacher's two global chunks ([crop1; crop0]) and pairs row r of
-    the targets with student global row r. Here the teacher list is in *natural* order and the pairing is
-    by crop index, so "teacher crop 0 <-> student crop 1" is the swap and no reordering is needed. (Sinkhorn
-    acts row-wise on the concatenated batch and does not care about the row order, so the targets of the natural
-    order are the swapped targets with their two halves exchanged.)
-
-    n_pairs counts the pairs actually summed. With no local crops that is n_global * (n_global - 1) = 2, whereas
-    the reference's formula n_global*(n_global-1) + max(n_local*n_global, 1) would give 3 (it never trains so).
-
-    Args:
-        student_logits: list of per-crop (B, K) student dino_head outputs, the n_global global crops first,
-            then the local crops (in pretrain.py: `s_global.chunk(2) + s_local.chunk(8)`). Any float dtype.
-        teacher_probs: list of n_global (B, K) teacher targets for the global crops in natural order
-            (`sinkhorn_knopp(t_global, tau).chunk(2)`, where t_global is the (2B, K) crop-major teacher output).
-        student_temp: tau_s, 0.1 in the reference.
-        check: raise FloatingPointError if the loss is NaN/inf. A host sync on GPU; pass False to skip it.
-    Returns:
-        scalar fp32 loss; gradients flow to the student logits only.
+    student_logits: per-crop (B, K) outputs, the n_global global crops first (`s_global.chunk(2) +
+    s_local.chunk(8)`); teacher_probs: n_global (B, K) targets (`sinkhorn_knopp(t_global, tau).chunk(2)`).
+    check: raise FloatingPointError on NaN/inf (a host sync on GPU; pretrain.py checks the total itself).
+    Returns a scalar fp32 loss; gradients reach the student logits only.
     """
     student_logits, teacher_probs = list(student_logits), list(teacher_probs)
     n_global = len(teacher_probs)
@@ -286,28 +232,15 @@ def ibot_loss(
 
         L = 1/n_crops * sum_j w_j H(Q_j, s_j),      w_j = 1 / (number of masked tokens in token j's image)
 
-    where j runs over the M masked tokens of the n_crops global-crop images of this rank. Since each masked
-    image's weights sum to 1, L is the mean over the n_crops images of "mean CE over the image's masked tokens",
-    with unmasked images counting 0 -- a heavily masked image does not outweigh a lightly masked one. This is
-    the reference's `iBOTPatchLoss.forward_masked` (which divides by masks.shape[0]) times its training-step
-    scaling (x2 loss_scales x 1/2 per global crop = x1). The reference *logs* L / 2.
+    j runs over the M masked tokens of this rank's n_crops global-crop images, so L is the mean over images of the
+    mean CE over each image's masked tokens (unmasked images count 0). This is the reference's
+    `iBOTPatchLoss.forward_masked` times its training-step scaling (x1); the reference logs L / 2.
+    n_crops is the number of global-crop *rows* the masks were drawn for, masks.shape[0] = 2B — not the 2 global
+    crops per image, which would scale L by B.
 
-    The divisor is named `n_crops`, not `n_global_crops`, because it is the number of global-crop *rows* the
-    masks were drawn for -- masks.shape[0] = n_global_crops * B = 2B (8 in the
-    golden file) -- not the number of global crops per image (2). Passing 2 would scale the loss by B.
-
-    Args:
-        student_patch_logits: (M, K) student ibot_head outputs at the masked positions (the student saw the
-            mask token there), any float dtype.
-        teacher_patch_probs: (M, K) teacher targets at the same positions of the unmasked crops
-            (`sinkhorn_knopp(teacher_patch_logits, tau)` or `softmax_center(...)`).
-        masks_weight: (M,) w_j = 1 / masks[image_of_j].sum(), as made by the collate.
-        n_crops: number of global-crop images on this rank, masked or not: masks.shape[0] = 2B.
-        student_temp: tau_s, 0.1.
-        check: also raise FloatingPointError on a NaN/inf loss and ValueError if the weights sum to more than
-            n_crops (a wrong divisor); both are host syncs on GPU.
-    Returns:
-        scalar fp32 loss; gradients flow to the student logits only.
+    student_patch_logits, teacher_patch_probs: (M, K); masks_weight: (M,) w_j as made by the collate.
+    check: also raise FloatingPointError on NaN/inf and ValueError if the weights sum to more than n_crops (a wrong
+    divisor); both are host syncs on GPU. Returns a scalar fp32 loss; gradients reach the student logits only.
     """
     if student_patch_logits.ndim != 2 or tuple(student_patch_logits.shape) != tuple(teacher_patch_probs.shape):
         raise ValueError(
@@ -337,33 +270,17 @@ def ibot_loss(
 
 def koleo_loss(x: Tensor, eps: float = 1e-8, check: bool = True) -> Tensor:
     """
-    Kozachenko-Leonenko differential-entropy estimator, used as a regulariser that spreads features on the sphere
-    (DINOv2; Sablayrolles et al. 2019):
+    Kozachenko-Leonenko differential-entropy estimator (DINOv2; Sablayrolles et al. 2019), a regulariser that
+    spreads features on the sphere:
 
-        x_i <- x_i / max(|x_i|, eps)                         L2-normalise
-        nn(i) = argmax_{j != i} <x_i, x_j>                  nearest neighbour (max cosine = min distance)
-        d_i   = | x_i - x_nn(i) + eps |_2                    (eps added to the difference, as nn.PairwiseDistance)
-        L     = -1/n sum_i log(d_i + eps)
+        x_i <- x_i / max(|x_i|, eps);   nn(i) = argmax_{j != i} <x_i, x_j>
+        L = -1/n sum_i log(|x_i - x_nn(i) + eps|_2 + eps)
 
-    Minimising L pushes every point away from its nearest neighbour, i.e. maximises the entropy estimate.
-    The neighbour search excludes i itself by setting the diagonal of the Gram matrix to -1 (the reference's
-    choice, not -inf: with one row the row "finds" itself, d = eps * sqrt(D), and the loss is a constant with
-    zero gradient -- KoLeo needs >= 2 rows per GPU to do anything).
-
-    Always computed in fp32 with autocast off: under the reference's fp16 autocast eps = 1e-8 underflows to 0,
-    so two identical rows give log(0) = -inf and the loss is inf. In fp32 a duplicate pair gives
-    d = 1e-8 * sqrt(D), i.e. about 16 per duplicated row: large but finite, with a finite gradient.
-
-    In training it is applied to the student backbone's global CLS tokens (after the final norm, before the
-    head) one global crop at a time, never across the two crops of one image:
-        0.1 * (koleo_loss(cls[:B]) + koleo_loss(cls[B:]))          (the reference logs half of that)
-
-    Args:
-        x: (n, D) features, any float dtype.
-        eps: 1e-8 as in the reference (normalisation, distance and log).
-        check: raise FloatingPointError if the loss is NaN/inf.
-    Returns:
-        scalar fp32 loss.
+    The diagonal of the Gram matrix is set to -1 to exclude i itself (the reference's choice: one row finds
+    itself, and the loss is a constant). Always fp32 with autocast off: under the reference's fp16 autocast eps
+    underflows and a duplicated image gives inf; here it gives ~16, finite. pretrain.py applies it to the student's
+    global CLS tokens one global crop at a time: 0.1 * (koleo_loss(cls[:B]) + koleo_loss(cls[B:])).
+    x: (n, D), any float dtype. Returns a scalar fp32 loss.
     """
     if x.ndim != 2 or x.shape[0] < 1:
         raise ValueError(f"losses.py: koleo_loss expects (n >= 1, D) features, got shape {tuple(x.shape)}")
