@@ -138,20 +138,24 @@ def case_means(res):
     return {c["case"]: float(np.nanmean(c["dice"])) for c in res["test_cases"] if c["dice"] is not None}
 
 
-lines = ["| protocol | labels | pretrained Dice [95% CI] | random init Dice [95% CI] | Wilcoxon p (n) |",
-         "|---|---|---|---|---|"]
+lines = ["| protocol | labels | pretrained Dice [95% CI] | random init Dice [95% CI] | per-case difference [95% CI] "
+         "| pretrained better in | Wilcoxon p (n) |", "|---|---|---|---|---|---|---|"]
 summary = {"segmentation": [], "probe": {}, "timings_s": timings}
 for proto in args.protocols:
     for frac in args.fractions:
         r = {init: seg[(proto, frac, init)] for init in INITS}
         a, b = case_means(r["pretrained"]), case_means(r["random"])
         common = sorted(set(a) & set(b))  # the same test cases; paired per case
-        pval = metrics.wilcoxon(np.array([a[c] for c in common]), np.array([b[c] for c in common]))
+        x, y = np.array([a[c] for c in common]), np.array([b[c] for c in common])
+        pval = metrics.wilcoxon(x, y)
+        diff, lo, hi = metrics.bootstrap_ci(x - y)  # the paired difference, resampled over the test cases
         lines.append(f"| {PROTOCOLS[proto][0]} | {frac:.0%} | "
                      + " | ".join(fmt(r[i]["test_dice_mean"], r[i]["test_dice_ci"]) for i in INITS)
-                     + f" | {pval:.3g} ({len(common)}) |")
+                     + f" | {diff:+.4f} [{lo:+.4f}, {hi:+.4f}] | {int((x > y).sum())} of {len(common)} "
+                     + f"| {pval:.3g} ({len(common)}) |")
         summary["segmentation"].append({
             "protocol": proto, "what": PROTOCOLS[proto][0], "fraction": frac, "wilcoxon_p": pval,
+            "diff": diff, "diff_ci": [lo, hi], "pretrained_better": int((x > y).sum()),
             "n_paired_cases": len(common), "class_names": r["pretrained"]["config"].get("class_names"),
             **{init: {k: v for k, v in r[init].items() if k.startswith("test_") and k != "test_cases"}
                for init in INITS}})
