@@ -39,6 +39,8 @@ import ast
 import difflib
 import os
 import re
+import resource
+import subprocess
 import sys
 
 _CONFIG_TYPES = (bool, int, float, str, type(None), tuple, list, dict)
@@ -87,6 +89,21 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool, run_files, ckpt: 
         parent = os.path.dirname(parent)
     if not os.access(out_dir if os.path.isdir(out_dir) else parent, os.W_OK):
         raise ConfigError(f"out_dir {out_dir} is not writable")
+
+
+def git_sha() -> str | None:
+    """The repository's commit, for the first log line of every run (None outside a git checkout)."""
+    try:
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                       stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return None
+
+
+def peak_rss_mb() -> int:
+    """Peak resident memory of this process in MB, for every log row."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
+    return round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024))
 
 
 def _unknown(key: str, known: dict, where: str = "") -> ConfigError:

@@ -46,8 +46,6 @@ import json
 import math
 import os
 import random
-import resource
-import subprocess
 import sys
 import time
 import warnings
@@ -69,7 +67,7 @@ import data
 import losses
 import metrics
 import model
-from configurator import ConfigError, check_out_dir, configure
+from configurator import ConfigError, check_out_dir, configure, git_sha, peak_rss_mb
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's BTCV fine-tuning run
@@ -494,19 +492,9 @@ def summary(rows, key):
 # logging
 
 
-def git_sha():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return None
-
-
 def log_line(d):
     if "config" not in d:  # every row: wall seconds since start and the process's peak resident memory
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-        d = {**d, "elapsed_s": round(time.time() - t_start, 1),
-             "peak_rss_mb": round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024))}
+        d = {**d, "elapsed_s": round(time.time() - t_start, 1), "peak_rss_mb": peak_rss_mb()}
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(d) + "\n")
 

@@ -45,7 +45,6 @@ results with the test probabilities, summary), log.jsonl (config, then one line 
 import json
 import math
 import os
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -107,7 +106,7 @@ select_metric = "accuracy"  # "accuracy" (reference: top-1 on validation) or "au
 device = "cuda" if torch.cuda.is_available() else "cpu"
 threads = 0  # torch CPU threads for the feature pass; 0 = torch's default (the classifiers always use 1 on CPU)
 # -----------------------------------------------------------------------------
-from configurator import ConfigError, check_out_dir, configure  # noqa: E402
+from configurator import ConfigError, check_out_dir, configure, peak_rss_mb  # noqa: E402
 
 config = configure(globals(), sys.argv[1:])
 check_out_dir(out_dir, False, overwrite, ("results.json", "log.jsonl", "classifiers.pt"), "")
@@ -459,7 +458,7 @@ for r, (tr, va, te) in enumerate(run_splits):
             log.write(json.dumps({"run": r, "iter": it + 1, "lr_factor": float(lr_schedule[it]),
                                   "loss": loss.item(), f"val_{select_metric}_max": float(scores.max()),
                                   "best": best_score, "elapsed_s": round(time.time() - t_start, 1),
-                                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)})
+                                  "peak_rss_mb": peak_rss_mb()})
                       + "\n")
             pbar.set_postfix(loss=f"{loss.item():.3f}", best_val=f"{best_score:.3f}")
     pbar.close()

@@ -26,8 +26,6 @@ its random init on held-out labelled phantoms).
 import json
 import math
 import os
-import resource
-import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -120,7 +118,7 @@ dtype = "auto"  # autocast dtype: "bfloat16" or "float32"; "auto" = bfloat16 on 
 compile = False  # torch.compile every transformer block of the student and teacher backbones
 threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
 # -----------------------------------------------------------------------------
-from configurator import ConfigError, check_out_dir, configure  # noqa: E402
+from configurator import ConfigError, check_out_dir, configure, git_sha, peak_rss_mb  # noqa: E402
 
 config = configure(globals(), sys.argv[1:])
 t_start = time.time()
@@ -341,14 +339,6 @@ if ddp:
 # logging
 
 
-def git_sha():
-    try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                                       stderr=subprocess.DEVNULL).decode().strip()
-    except Exception:
-        return None
-
-
 def flops_per_image(bb):
     """Matmul FLOPs of one image's training step (student fwd+bwd = 3x forward, teacher forward), counting
     2 FLOPs per multiply-add: per token and block 24 E^2 (qkv 6, proj 2, MLP 16) + 4 T E (scores, weighted sum)
@@ -371,11 +361,6 @@ def log_line(d):
         d = {**d, "elapsed_s": round(time.time() - t_start, 1), "peak_rss_mb": peak_rss_mb()}
     with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(d) + "\n")
-
-
-def peak_rss_mb():
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux, bytes on macOS
-    return round(kb / (1024 ** 2 if sys.platform == "darwin" else 1024))
 
 
 log_path = os.path.join(out_dir, "log.jsonl")
