@@ -9,7 +9,7 @@ volume and one crop at a time). Here the work is split in two:
     worker (data.py)                      training process (this file, on the training device)
     ----------------                      ------------------------------------------------------
     box = sample_crop_box(shape, ...)     crops -> device -> resize_crops  (B, 1, S, S, S)
-    read only that box from the cache     global_view_1 / global_view_2 / local_views  (batched)
+    read only that box from the cache     run_plan(crops, plan_global_view_1(B, g)), ... (batched)
                                           make_masks  ->  make_views returns the collated dict
 
 Every random draw goes through an explicit `torch.Generator` (MONAI's per-transform NumPy states replay the
@@ -20,14 +20,10 @@ the normal case, also for CUDA data), then applies them chunk by chunk (see "Pla
 voxels are drawn on the data's device from per-sample seeds, so a CPU generator gives the same views on CPU and
 CUDA except for those noise values; every output is reproducible under a seed on a given device.
 
-What it costs (`python bench.py augment --threads 2`; one sample = 2×96³ + 8×48³ views of a 256×256×128 volume): ~30
-ms per sample in all — 5 ms reading the 10 boxes, 9 ms resizing, ~16 ms augmenting — against ~155 ms for the
-reference's per-sample structure (whole .nii.gz load, then per-crop transforms with the same maths), i.e. ~5.1× the
-samples/s (median of 16 runs; 4.7–5.9). On CPU both paths do the same arithmetic; the gain is not decompressing the
-whole volume per sample, plus batching. What made the CPU path fast: one torch copy per box from the memory map
-(numpy's float16 cast was 35 ms per sample), flips/rot90s done as one cube symmetry inside the resize's copy, no
-log(0) in the gamma transform, cached Gibbs masks, and `keep_freed_memory` (page faults were a third of the cost).
-With a GPU, make_views runs there and the workers only read boxes; that speed is unmeasured (no GPU so far).
+What it costs: `python bench.py augment` (the figures are in the README's speed table). What made the CPU path
+fast is commented where it happens: one torch copy per box from the memory map, flips/rot90s as one cube symmetry
+inside the resize's copy, no log(0) in the gamma transform, cached Gibbs masks, cache-sized chunks, and
+`keep_freed_memory`.
 
 Layout: volumes are (B, C, H, W, D); H/W in-plane, D through-plane. "Spatial axis a" means tensor
 dim 2 + a, as in MONAI's `spatial_axis`.
@@ -131,7 +127,7 @@ def resize_crops(crops: list[torch.Tensor], size: int, symmetry: torch.Tensor | 
     the input at (i + ½)·in/out − ½ and mixes its 2 neighbours, so each output voxel reads 8 input voxels.
     One `F.interpolate` per crop: crops differ in shape, and on 2 CPU cores this loop was ~10× faster than
     padding all crops to one tensor and calling `grid_sample` once (measured in bench.py's development).
-    symmetry: optional (n,) codes of the view recipes' flips/rot90s (`_plan_geometric`); each resized crop is
+    symmetry: optional (n,) codes of the view recipes' flips/rot90s (`plan_geometric`); each resized crop is
     then permuted/flipped in the copy into the batch tensor that happens anyway (make_views: −2 ms per sample
     on 2 CPU cores compared with a separate step).
     """
@@ -146,10 +142,12 @@ def resize_crops(crops: list[torch.Tensor], size: int, symmetry: torch.Tensor | 
 # ----------------------------------------------------------------------------------------------------------------
 # Plans: draw every random parameter for the whole batch first, then apply chunk by chunk
 #
-# A transform is a pair: `_plan_<name>(n, p, g, ...)` draws its per-sample parameters for all n samples (small
-# CPU-or-generator-device tensors: an "apply" flag per sample plus γ, σ, k, ...) and returns
-# (apply_fn, params); `apply_fn(x_chunk, params_chunk)` transforms a slice of the batch, in place where it can,
-# and returns the result. `_run_plan` applies a list of such steps to x in chunks of samples.
+# The one API of this file. A plan is a list of steps (apply_fn, params). `plan_<name>(n, p, g, ...)` draws the
+# per-sample parameters of one transform for all n samples (small tensors on g's device: an "apply" flag per
+# sample plus γ, σ, k, ...) and returns a one-step plan; plans compose with `+` (the view recipes below), and
+# `run_plan(x, plan)` applies them to x (n, C, H, W, D) in place, chunk by chunk:
+#     x = augment.run_plan(x, augment.plan_flip(len(x), 0, 0.5, g) + augment.plan_gamma(len(x), 0.3, g))
+# Every transform takes `apply=` (n,) bool instead of its own coin, which is how `one_of_choice` reaches it.
 # Why chunks: on CPU every transform is a few passes over memory; a whole batch of 96³ crops (3.5 MB each) falls
 # out of the caches between passes, and running the 10–20 steps of a view recipe one cache-sized chunk at a time
 # was ~1.5× faster (measured: 16 vs 29 ms CPU per global crop). On CUDA the chunk is the whole batch.
@@ -164,8 +162,9 @@ def _chunk_size(x):
     return max(1, CPU_CHUNK_BYTES // (x[0].numel() * x.element_size()))
 
 
-def _run_plan(x, plan):
-    """Apply the steps of `plan` to x (B, C, H, W, D) in place, chunk by chunk; returns x."""
+def run_plan(x, plan):
+    """Apply the steps of `plan` to x (B, C, H, W, D) in place, chunk by chunk; returns x (clone x first to keep
+    it)."""
     c = _chunk_size(x)
     # per-sample "apply" flags as Python lists: a step none of the chunk's samples drew is skipped without a call
     # (most are: each sample draws ~3 of a recipe's ~8 steps; the small tensor ops of a call cost ~50 µs)
@@ -218,17 +217,20 @@ def _param(prm, key, idx, x):
 # Geometric: flips and rot90 (after the resize, so every crop is a cube)
 
 
-def _plan_flip(n, axis, p, g):
+def plan_flip(n, axis, p, g):
+    """Flip spatial axis `axis` (0 = H, 1 = W, 2 = D) of each sample with probability p (MONAI RandFlip)."""
     def fn(x, prm):
         idx = _indices(prm["apply"], x.device)
         if idx.numel():
             x[idx] = x[idx].flip(2 + axis)
         return x
 
-    return fn, {"apply": _coin(n, p, g)}
+    return [(fn, {"apply": _coin(n, p, g)})]
 
 
-def _plan_rot90(n, plane, p, g):
+def plan_rot90(n, plane, p, g):
+    """Rotate each sample by k·90°, k ~ U{1, 2, 3}, in spatial plane `plane` with probability p (MONAI
+    RandRotate90, max_k = 3; the direction of `torch.rot90`). The two sides must be equal (cubes)."""
     a, b = 2 + plane[0], 2 + plane[1]
 
     def fn(x, prm):
@@ -239,7 +241,7 @@ def _plan_rot90(n, plane, p, g):
                 x[idx] = torch.rot90(x[idx], kk, dims=(a, b))
         return x
 
-    return fn, {"apply": _coin(n, p, g), "k": torch.randint(1, 4, (n,), generator=g, device=g.device)}
+    return [(fn, {"apply": _coin(n, p, g), "k": torch.randint(1, 4, (n,), generator=g, device=g.device)})]
 
 
 def _cube_symmetries():
@@ -281,11 +283,11 @@ def _symmetry_view(x, code):
     return y.flip([lead + a for a in dims]) if dims else y
 
 
-def _plan_geometric(n, g, p=0.3):
+def plan_geometric(n, g, p=0.3):
     """The geometric part of a view after RRC3D: flips of axes 0, 1, 2, then rot90 in planes (0,1), (1,2), (0,2), each
     with probability p (rot90: k ~ U{1, 2, 3}).
 
-    The draws are those of the six separate steps (_plan_flip / _plan_rot90, in that order), but the six are
+    The draws are those of the six separate steps (plan_flip / plan_rot90, in that order), but the six are
     applied as ONE step: whatever a sample drew, the composition is one of the 48 symmetries of the cube, i.e. an
     axis permutation followed by flips, done in one copy. Six separate steps cost ~6× the memory passes
     (each flagged subset is gathered, flipped and scattered back): 5 of ~36 ms per CPU sample (bench.py augment).
@@ -315,23 +317,12 @@ def _plan_geometric(n, g, p=0.3):
             sel = x if len(idx) == x.shape[0] else x[idx]  # x[idx]: a copy
             y = _symmetry_view(sel, c).contiguous()  # a no-op after a flip (flip copies)
             if len(idx) == x.shape[0]:
-                return y  # the whole chunk: _run_plan writes the result back once at the end
+                return y  # the whole chunk: run_plan writes the result back once at the end
             x[idx] = y
         return x
 
     return [(fn, {"code": torch.tensor(codes, dtype=torch.long)})]
 
-
-def random_flip(x: torch.Tensor, axis: int, p: float, g: torch.Generator) -> torch.Tensor:
-    """Flip spatial axis `axis` (0 = H, 1 = W, 2 = D) of each sample of x (B, C, H, W, D) with probability p:
-    y[b] = flip(x[b], axis) if U_b < p else x[b]  (MONAI RandFlip, numpy-style flip). x is not modified."""
-    return _run_plan(x.clone(), [_plan_flip(x.shape[0], axis, p, g)])
-
-
-def random_rot90(x: torch.Tensor, plane: tuple[int, int], p: float, g: torch.Generator) -> torch.Tensor:
-    """Rotate each sample by k·90°, k ~ U{1, 2, 3}, in spatial plane `plane` with probability p (MONAI RandRotate90,
-    max_k = 3). Same direction as `torch.rot90`/`np.rot90(x, k, axes=plane)`. The two sides must be equal (cubes)."""
-    return _run_plan(x.clone(), [_plan_rot90(x.shape[0], plane, p, g)])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -362,15 +353,17 @@ def adjust_contrast(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return t.log_().mul_(gamma).exp_().mul_(rng).add_(lo)
 
 
-def _plan_gamma(n, p, g, gamma_range=(0.5, 2.0), apply=None):
+def plan_gamma(n, p, g, gamma_range=(0.5, 2.0), apply=None):
+    """RandAdjustContrast: γ ~ U(γ0, γ1) per sample, y = `adjust_contrast`(x, γ)."""
     def fn(x, prm):
         idx = _indices(prm["apply"], x.device)
         return _put(x, idx, adjust_contrast(_select(x, idx), _param(prm, "gamma", idx, x))) if idx.numel() else x
 
-    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "gamma": _uniform(n, *gamma_range, g)}
+    return [(fn, {"apply": _coin(n, p, g) if apply is None else apply, "gamma": _uniform(n, *gamma_range, g)})]
 
 
-def _plan_noise(n, p, g, std=0.002, apply=None):
+def plan_noise(n, p, g, std=0.002, apply=None):
+    """RandGaussianNoise: σ ~ U(0, std) per sample, y = x + σ·ε with ε ~ N(0, 1) per voxel (float32)."""
     # The noise itself is drawn at apply time from a per-sample seed, on the data's device: the same seed gives
     # the same views whatever the chunking; CPU and CUDA noise differ (different generators) but are each
     # reproducible, and the big draw never crosses the PCIe bus.
@@ -382,8 +375,8 @@ def _plan_noise(n, p, g, std=0.002, apply=None):
             x[i].add_(noise.to(x.dtype), alpha=float(prm["sigma"][i]))
         return x
 
-    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "sigma": _uniform(n, 0.0, std, g),
-                "seed": torch.randint(0, 2**62, (n,), generator=g, device=g.device)}
+    return [(fn, {"apply": _coin(n, p, g) if apply is None else apply, "sigma": _uniform(n, 0.0, std, g),
+                "seed": torch.randint(0, 2**62, (n,), generator=g, device=g.device)})]
 
 
 def histogram_map(x: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
@@ -410,7 +403,9 @@ def histogram_map(x: torch.Tensor, floating: torch.Tensor) -> torch.Tensor:
     return torch.index_select(C, 0, j).addcmul_(torch.index_select(S, 0, j), s).view_as(x)
 
 
-def _plan_histogram(n, p, g, num_control_points=10, apply=None):
+def plan_histogram(n, p, g, num_control_points=10, apply=None):
+    """RandHistogramShift: a random monotone piecewise-linear intensity curve per sample (`histogram_map`).
+    Floating points f_0 = 0, f_{K−1} = 1, f_i ~ U(f_{i−1}, f_{i+1}) for i = 1..K−2 in order."""
     K = num_control_points
     # floating control points: start at the reference linspace(0, 1, K); interior point i ~ U(f_{i-1}, f_{i+1}),
     # sequentially for i = 1..K-2, so f_{i-1} is already the *new* value and f_{i+1} still the reference one
@@ -422,7 +417,7 @@ def _plan_histogram(n, p, g, num_control_points=10, apply=None):
         idx = _indices(prm["apply"], x.device)
         return _put(x, idx, histogram_map(_select(x, idx), _param(prm, "f", idx, x))) if idx.numel() else x
 
-    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "f": f}
+    return [(fn, {"apply": _coin(n, p, g) if apply is None else apply, "f": f})]
 
 
 def gaussian_kernel_1d(sigma: torch.Tensor, radius: int | None = None) -> torch.Tensor:
@@ -469,13 +464,14 @@ def gaussian_filter(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return y.view(n, C, H, W, D)
 
 
-def _plan_smooth(n, p, g, sigma_range=(0.25, 1.5), apply=None):
+def plan_smooth(n, p, g, sigma_range=(0.25, 1.5), apply=None):
+    """RandGaussianSmooth: σ per axis ~ U(0.25, 1.5) independently per sample, y = `gaussian_filter`(x, σ)."""
     def fn(x, prm):
         idx = _indices(prm["apply"], x.device)
         return _put(x, idx, gaussian_filter(_select(x, idx), _param(prm, "sigma", idx, x))) if idx.numel() else x
 
     # σ_H, σ_W, σ_D drawn independently per sample
-    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "sigma": _uniform((n, 3), *sigma_range, g)}
+    return [(fn, {"apply": _coin(n, p, g) if apply is None else apply, "sigma": _uniform((n, 3), *sigma_range, g)})]
 
 
 def sharpen_filter(x: torch.Tensor, sigma1: torch.Tensor, sigma2: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -487,7 +483,9 @@ def sharpen_filter(x: torch.Tensor, sigma1: torch.Tensor, sigma2: torch.Tensor, 
     return b1.lerp_(b2, -a)  # b1 + (−α)(b2 − b1) = b1 + α(b1 − b2): one pass, in place on the temporary b1
 
 
-def _plan_sharpen(n, p, g, sigma1_range=(0.5, 1.0), sigma2_min=0.5, alpha_range=(10.0, 30.0), apply=None):
+def plan_sharpen(n, p, g, sigma1_range=(0.5, 1.0), sigma2_min=0.5, alpha_range=(10.0, 30.0), apply=None):
+    """RandGaussianSharpen (unsharp masking): per sample and axis σ1 ~ U(0.5, 1), σ2 ~ U(0.5, σ1); α ~ U(10, 30);
+    y = `sharpen_filter`(x, σ1, σ2, α)."""
     apply = _coin(n, p, g) if apply is None else apply
     sigma1 = _uniform((n, 3), *sigma1_range, g)  # (n, 3) per axis
     sigma2 = sigma2_min + (sigma1 - sigma2_min) * torch.rand(n, 3, generator=g, device=g.device)  # U(0.5, σ1)
@@ -500,7 +498,7 @@ def _plan_sharpen(n, p, g, sigma1_range=(0.5, 1.0), sigma2_min=0.5, alpha_range=
         y = sharpen_filter(_select(x, idx), *(_param(prm, k, idx, x) for k in ("sigma1", "sigma2", "alpha")))
         return _put(x, idx, y)
 
-    return fn, {"apply": apply, "sigma1": sigma1, "sigma2": sigma2, "alpha": alpha}
+    return [(fn, {"apply": apply, "sigma1": sigma1, "sigma2": sigma2, "alpha": alpha})]
 
 
 @functools.lru_cache(maxsize=16)
@@ -535,110 +533,55 @@ def gibbs_filter(x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfftn(X * m_sym, s=(H, W, D), dim=(2, 3, 4))
 
 
-def _plan_gibbs(n, p, g, alpha_range=(0.0, 1.0), apply=None):
+def plan_gibbs(n, p, g, alpha_range=(0.0, 1.0), apply=None):
+    """RandGibbsNoise: α ~ U(0, 1) per sample; y = `gibbs_filter`(x, α) (DINOv2's solarisation slot)."""
     def fn(x, prm):
         idx = _indices(prm["apply"], x.device)
         return _put(x, idx, gibbs_filter(_select(x, idx), _param(prm, "alpha", idx, x))) if idx.numel() else x
 
-    return fn, {"apply": _coin(n, p, g) if apply is None else apply, "alpha": _uniform(n, *alpha_range, g)}
-
-
-# The per-transform wrappers below: x (B, C, H, W, D); each sample applies with probability p, or where the
-# optional `apply` (B,) bool says so instead (how OneOf's choice, `one_of_choice`, reaches them).
-
-
-def gamma_contrast(x: torch.Tensor, p: float, g: torch.Generator, gamma_range=(0.5, 2.0), apply=None) -> torch.Tensor:
-    """RandAdjustContrast: γ ~ U(γ0, γ1) per sample, y = `adjust_contrast`(x, γ) with probability p."""
-    return _run_plan(x.clone(), [_plan_gamma(x.shape[0], p, g, gamma_range, apply)])
-
-
-def gaussian_noise(x: torch.Tensor, p: float, g: torch.Generator, std=0.002, apply=None) -> torch.Tensor:
-    """RandGaussianNoise: σ ~ U(0, std) per sample, y = x + σ·ε with ε ~ N(0, 1) per voxel (float32)."""
-    return _run_plan(x.clone(), [_plan_noise(x.shape[0], p, g, std, apply)])
-
-
-def histogram_shift(x: torch.Tensor, p: float, g: torch.Generator, num_control_points=10, apply=None) -> torch.Tensor:
-    """RandHistogramShift: a random monotone piecewise-linear intensity curve per sample (`histogram_map`).
-    Floating points f_0 = 0, f_{K−1} = 1, f_i ~ U(f_{i−1}, (i+1)/(K−1)) for i = 1..K−2 in order."""
-    return _run_plan(x.clone(), [_plan_histogram(x.shape[0], p, g, num_control_points, apply)])
-
-
-def gaussian_smooth(x: torch.Tensor, p: float, g: torch.Generator, sigma_range=(0.25, 1.5), apply=None) -> torch.Tensor:
-    """RandGaussianSmooth: σ per axis ~ U(0.25, 1.5) independently per sample, y = G_σ(x) (`gaussian_filter`)."""
-    return _run_plan(x.clone(), [_plan_smooth(x.shape[0], p, g, sigma_range, apply)])
-
-
-def gaussian_sharpen(x: torch.Tensor, p: float, g: torch.Generator, sigma1_range=(0.5, 1.0), sigma2_min=0.5,
-                     alpha_range=(10.0, 30.0), apply=None) -> torch.Tensor:
-    """RandGaussianSharpen (unsharp masking): per sample and axis σ1 ~ U(0.5, 1), σ2 ~ U(0.5, σ1); α ~ U(10, 30);
-    y = `sharpen_filter`(x, σ1, σ2, α) = b1 + α·(b1 − b2)."""
-    return _run_plan(x.clone(), [_plan_sharpen(x.shape[0], p, g, sigma1_range, sigma2_min, alpha_range, apply)])
-
-
-def gibbs_noise(x: torch.Tensor, p: float, g: torch.Generator, alpha_range=(0.0, 1.0), apply=None) -> torch.Tensor:
-    """RandGibbsNoise: α ~ U(0, 1) per sample; y = `gibbs_filter`(x, α) (k-space truncation ringing; DINOv2's
-    solarisation slot)."""
-    return _run_plan(x.clone(), [_plan_gibbs(x.shape[0], p, g, alpha_range, apply)])
+    return [(fn, {"apply": _coin(n, p, g) if apply is None else apply, "alpha": _uniform(n, *alpha_range, g)})]
 
 
 def one_of_choice(n: int, n_options: int, p: float, g: torch.Generator) -> torch.Tensor:
     """Per-sample decision of MONAI `OneOf` over `n_options` equally weighted transforms, each with probability p:
     option c ~ U{0..n_options−1}, then the chosen transform applies if U < p. Returns (n,) long on g's device,
-    c or −1 (nothing). With 3 options and p = 0.8: each option 0.8/3 ≈ 0.267, nothing 0.2."""
+    c or −1 (nothing). With 3 options and p = 0.8: each option 0.8/3 ≈ 0.267, nothing 0.2. Pass `apply=c == k`
+    to the k-th option's plan."""
     choice = torch.randint(0, n_options, (n,), generator=g, device=g.device)
     applies = torch.rand(n, generator=g, device=g.device) < p
     return torch.where(applies, choice, -1)
 
 
-def _plan_intensity_one_of(n, g, p=0.8):
+def plan_intensity_one_of(n, g, p=0.8):
     """A view's "colour jitter": OneOf{gamma contrast, Gaussian noise, histogram shift}, each with p = 0.8."""
     c = one_of_choice(n, 3, p, g)
-    return [_plan_gamma(n, 1.0, g, apply=c == 0), _plan_noise(n, 1.0, g, apply=c == 1),
-            _plan_histogram(n, 1.0, g, apply=c == 2)]
-
-
-def intensity_one_of(x: torch.Tensor, g: torch.Generator, p: float = 0.8) -> torch.Tensor:
-    """OneOf{RandAdjustContrast, RandGaussianNoise, RandHistogramShift}(each p) per sample (`one_of_choice`)."""
-    return _run_plan(x.clone(), _plan_intensity_one_of(x.shape[0], g, p))
+    return plan_gamma(n, 1.0, g, apply=c == 0) + plan_noise(n, 1.0, g, apply=c == 1) + \
+        plan_histogram(n, 1.0, g, apply=c == 2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# View recipes. Inputs are resized cube batches (B, C, S, S, S); each returns a new tensor.
-# All parameters of the whole recipe are drawn first (in the order of the steps), then it runs chunk by chunk.
+# View recipes: plans for resized cube batches (B, C, S, S, S), every parameter drawn in the order of the steps
 
 
-def _plan_global_view_1(n, g):
-    plan = _plan_geometric(n, g) + _plan_intensity_one_of(n, g)
-    c = one_of_choice(n, 2, 1.0, g)
-    return plan + [_plan_smooth(n, 1.0, g, apply=c == 0), _plan_sharpen(n, 1.0, g, apply=c == 1)]
-
-
-def _plan_global_view_2(n, g):
-    plan = _plan_geometric(n, g) + _plan_intensity_one_of(n, g)
-    c = one_of_choice(n, 2, 0.1, g)
-    return plan + [_plan_smooth(n, 1.0, g, apply=c == 0), _plan_sharpen(n, 1.0, g, apply=c == 1),
-                   _plan_gibbs(n, 0.2, g)]
-
-
-def _plan_local_views(n, g):
-    return _plan_geometric(n, g) + _plan_intensity_one_of(n, g) + [_plan_smooth(n, 0.5, g)]
-
-
-def global_view_1(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def plan_global_view_1(n, g):
     """Global crop 1: flips/rot90 (p 0.3 each) → intensity OneOf → OneOf{smooth, sharpen} with p = 1
     (every sample is blurred or sharpened, ½ each; DINOv2's blur p = 1.0)."""
-    return _run_plan(x.clone(), _plan_global_view_1(x.shape[0], g))
+    plan = plan_geometric(n, g) + plan_intensity_one_of(n, g)
+    c = one_of_choice(n, 2, 1.0, g)
+    return plan + plan_smooth(n, 1.0, g, apply=c == 0) + plan_sharpen(n, 1.0, g, apply=c == 1)
 
 
-def global_view_2(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def plan_global_view_2(n, g):
     """Global crop 2: flips/rot90 → intensity OneOf → OneOf{smooth, sharpen} with p = 0.1 (10% in total) →
     Gibbs noise p = 0.2 (DINOv2's blur 0.1 and solarise 0.2)."""
-    return _run_plan(x.clone(), _plan_global_view_2(x.shape[0], g))
+    plan = plan_geometric(n, g) + plan_intensity_one_of(n, g)
+    c = one_of_choice(n, 2, 0.1, g)
+    return plan + plan_smooth(n, 1.0, g, apply=c == 0) + plan_sharpen(n, 1.0, g, apply=c == 1) + plan_gibbs(n, 0.2, g)
 
 
-def local_views(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def plan_local_views(n, g):
     """Local crops: flips/rot90 → intensity OneOf → Gaussian smooth p = 0.5 (DINOv2's local blur 0.5)."""
-    return _run_plan(x.clone(), _plan_local_views(x.shape[0], g))
+    return plan_geometric(n, g) + plan_intensity_one_of(n, g) + plan_smooth(n, 0.5, g)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -708,19 +651,19 @@ def make_views(
     to_dev = lambda crops: [c.to(device, torch.float32, non_blocking=True) for c in crops]  # noqa: E731
     view0, view1 = batch["global_crops"]
     B = len(view0)
-    # both global views resized into one (2B, C, S, S, S) tensor, each half augmented in place by its recipe (the
-    # public global_view_* would copy); all local crops in one (n_local·B, C, s, s, s) tensor, one recipe call
-    # Every recipe starts with its flips/rot90s (one cube-symmetry step, `_plan_geometric`): resize_crops applies
-    # those in its copy into the batch, and _run_plan the rest. Same draws, same order, same output.
-    plan1, plan2 = _plan_global_view_1(B, generator), _plan_global_view_2(B, generator)
+    # both global views resized into one (2B, C, S, S, S) tensor, each half augmented in place by its recipe;
+    # all local crops in one (n_local·B, C, s, s, s) tensor, one recipe call
+    # Every recipe starts with its flips/rot90s (one cube-symmetry step, `plan_geometric`): resize_crops applies
+    # those in its copy into the batch, and run_plan the rest. Same draws, same order, same output.
+    plan1, plan2 = plan_global_view_1(B, generator), plan_global_view_2(B, generator)
     codes = torch.cat([plan1[0][1]["code"], plan2[0][1]["code"]])
     globals_ = resize_crops(to_dev(view0 + view1), global_size, symmetry=codes)
-    _run_plan(globals_[:B], plan1[1:])
-    _run_plan(globals_[B:], plan2[1:])
+    run_plan(globals_[:B], plan1[1:])
+    run_plan(globals_[B:], plan2[1:])
     crops = [c for crops in batch["local_crops"] for c in crops]
-    plan_l = _plan_local_views(len(crops), generator)
+    plan_l = plan_local_views(len(crops), generator)
     locals_ = resize_crops(to_dev(crops), local_size, symmetry=plan_l[0][1]["code"])
-    _run_plan(locals_, plan_l[1:])
+    run_plan(locals_, plan_l[1:])
     grid = (global_size // patch_size,) * 3
     m = make_masks(2 * B, grid, mask_ratio_min_max, mask_probability, generator=_cpu_generator(generator))
     out = {"global_crops": globals_, "local_crops": locals_}
@@ -734,30 +677,3 @@ def _cpu_generator(g: torch.Generator) -> torch.Generator:
         return g
     seed = int(torch.randint(0, 2**62, (1,), generator=g, device=g.device))
     return torch.Generator().manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The reference's structure, for the benchmark: one sample, one view at a time
-
-
-def reference_views(
-    volume: torch.Tensor,
-    generator: torch.Generator,
-    global_size: int = 96,
-    local_size: int = 48,
-    n_local: int = 8,
-    global_scale: tuple[tuple[float, float], tuple[float, float]] = ((0.48, 1.0), (0.5, 1.0)),
-    local_scale: tuple[tuple[float, float], tuple[float, float]] = ((0.16, 0.48), (0.2, 0.5)),
-) -> dict:
-    """All 10 views of one whole volume (C, H, W, D), cropped, resized and augmented one crop at a time on CPU,
-    like a reference DataLoader worker (which first loads the whole volume; the benchmark times that too).
-    Uses the batched functions with B = 1, so it measures per-sample *structure*, not a different maths."""
-
-    def crop(scale):
-        h0, w0, d0, ch, cw, cd = sample_crop_box(tuple(volume.shape[1:]), scale[0], scale[1], generator)
-        return volume[:, h0:h0 + ch, w0:w0 + cw, d0:d0 + cd]
-
-    g1 = global_view_1(resize_crops([crop(global_scale)], global_size), generator)
-    g2 = global_view_2(resize_crops([crop(global_scale)], global_size), generator)
-    locs = [local_views(resize_crops([crop(local_scale)], local_size), generator) for _ in range(n_local)]
-    return {"global_crops": [g1[0], g2[0]], "local_crops": [v[0] for v in locs]}

@@ -37,6 +37,23 @@ def timeit(fn, warmup=1, iters=5, device="cpu", mean=False):
     return times[len(times) // 2]
 
 
+def reference_views(volume, g, global_size=96, local_size=48, n_local=8,
+                    global_scale=((0.48, 1.0), (0.5, 1.0)), local_scale=((0.16, 0.48), (0.2, 0.5))):
+    """All 10 views of one whole volume (C, H, W, D), cropped, resized and augmented one crop at a time on CPU,
+    like a reference DataLoader worker (which first loads the whole volume; the benchmark times that too).
+    The same augment.py plans with B = 1, so it measures per-sample *structure*, not a different maths."""
+    import augment
+
+    def view(scale, size, plan):
+        h0, w0, d0, ch, cw, cd = augment.sample_crop_box(tuple(volume.shape[1:]), scale[0], scale[1], g)
+        x = augment.resize_crops([volume[:, h0:h0 + ch, w0:w0 + cw, d0:d0 + cd]], size)
+        return augment.run_plan(x, plan(1, g))[0]
+
+    return {"global_crops": [view(global_scale, global_size, augment.plan_global_view_1),
+                             view(global_scale, global_size, augment.plan_global_view_2)],
+            "local_crops": [view(local_scale, local_size, augment.plan_local_views) for _ in range(n_local)]}
+
+
 def bench_augment(args, rest):
     """Samples/s of the batched augmentation pipeline vs the reference's per-sample structure.
 
@@ -44,7 +61,7 @@ def bench_augment(args, rest):
     batched   : PretrainDataset reads only the 10 crop boxes from the prepared, memory-mapped cache; collate;
                 augment.make_views resizes + augments + masks a whole batch on --device. Timed per batch / B.
     per-sample: the reference's worker structure — load the whole volume, then crop, resize and augment the 10
-                views one at a time (augment.reference_views, i.e. the same maths with B = 1) on CPU.
+                views one at a time (reference_views, i.e. the same maths with B = 1) on CPU.
     Both run in this one process on the same cores (no DataLoader workers), so the ratio is work, not parallelism.
     The volume: --image PATH, else a synthetic 256×256×128 phantom saved as int16 .nii.gz (spacing 0.8×0.8×2 mm).
     """
@@ -108,12 +125,12 @@ def bench_augment(args, rest):
     # ------------------------------------------------------------------------------------ per-sample pipeline
     g = torch.Generator().manual_seed(0)
     n_ps = 3 * iters  # samples (means over draws, like the batched side's iters · B samples)
-    t_ps_nii = timeit(lambda: augment.reference_views(torch.from_numpy(data.load_volume(path)[0]), g),
+    t_ps_nii = timeit(lambda: reference_views(torch.from_numpy(data.load_volume(path)[0]), g),
                       warmup=1, iters=n_ps, mean=True)
-    t_ps_npy = timeit(lambda: augment.reference_views(torch.from_numpy(np.load(npy).astype(np.float32))[None], g),
+    t_ps_npy = timeit(lambda: reference_views(torch.from_numpy(np.load(npy).astype(np.float32))[None], g),
                       warmup=1, iters=n_ps, mean=True)
     vol_mem = torch.from_numpy(np.load(npy).astype(np.float32))[None]
-    t_ps_views = timeit(lambda: augment.reference_views(vol_mem, g), warmup=1, iters=n_ps, mean=True)
+    t_ps_views = timeit(lambda: reference_views(vol_mem, g), warmup=1, iters=n_ps, mean=True)
 
     dev = devices[-1]
     batched, batched_views = res[dev]

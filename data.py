@@ -47,7 +47,18 @@ from tqdm import tqdm
 
 from augment import sample_crop_box  # the RRC3D box lives with the rest of the augmentation
 
-log = logging.getLogger(__name__)
+
+
+class _AboveProgressBars(logging.Handler):
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+# The one channel for bad input met while working (a skipped file, a stale cache) and for the summaries of
+# `prepare`: this logger, whose lines go to stderr above any progress bar (and to any handler a user adds).
+log = logging.getLogger("data")
+log.addHandler(_AboveProgressBars())
+log.setLevel(logging.INFO)
 
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".npy")  # what load_volume reads (longest first for matching)
 SPLITS = ("training", "validation", "test")  # the finetuning datalist keys (reference and MSD)
@@ -278,17 +289,17 @@ def crop_foreground(x: np.ndarray, threshold: float = -1.0) -> np.ndarray:
     return x[(..., *foreground_box(x, threshold))]
 
 
-def preprocess(x: np.ndarray, spacing, lo: float = 0.05, hi: float = 99.95, threshold: float = -1.0):
+def preprocess(x: np.ndarray, spacing):
     """The cached pretraining preprocessing of one (H, W, D) frame -> (y (h, w, d) float32 in [−1, 1], spacing).
 
-    fill NaN/Inf -> percentile scaling -> in-plane axes first -> foreground crop (voxels > threshold).
+    fill NaN/Inf -> percentile scaling (0.05, 99.95) -> in-plane axes first -> foreground crop (voxels > −1).
     Raises ValueError for a constant frame (nothing to learn; its normalised crop would be empty).
     """
     x = fill_nonfinite(x)
     if is_constant(x):
         raise ValueError("constant volume")
-    y, spacing = inplane_first(normalize_percentile(x, lo, hi), spacing)
-    return np.ascontiguousarray(crop_foreground(y, threshold)), spacing
+    y, spacing = inplane_first(normalize_percentile(x), spacing)
+    return np.ascontiguousarray(crop_foreground(y)), spacing
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -472,8 +483,7 @@ def resample(x: np.ndarray, spacing, target_spacing, affine=None, nearest: bool 
     return y[0].numpy(), spacing * r, affine
 
 
-def load_case(image, label=None, target_spacing=None, ct_window=None, crop_to_foreground: bool = False,
-              lo: float = 0.05, hi: float = 99.95) -> dict:
+def load_case(image, label=None, target_spacing=None, ct_window=None, crop_to_foreground: bool = False) -> dict:
     """Load one finetuning case -> dict(image, label, spacing, affine).
 
     image: a path (3D, or 4D -> C channels) or a list of paths concatenated as channels (BraTS modalities).
@@ -481,7 +491,7 @@ def load_case(image, label=None, target_spacing=None, ct_window=None, crop_to_fo
     label: None; an int (a class label, returned unchanged); or a path to a label map that must be 3D (one
         channel), integer-valued, finite and of the image's spatial shape — errors name both files.
     target_spacing: resample image (trilinear) and label (nearest) to this spacing first.
-    ct_window: (lo, hi) -> [−1, 1] clipped (CT); otherwise per-channel percentile scaling (lo, hi).
+    ct_window: (lo, hi) -> [−1, 1] clipped (CT); otherwise per-channel percentile scaling (0.05, 99.95).
     crop_to_foreground: crop image and label to the box of image > −1 (any channel); the affine follows.
     Returns image (C, H, W, D) float32 in [−1, 1], label (H, W, D) int64 | int | None, spacing (3,), affine.
     """
@@ -526,7 +536,7 @@ def load_case(image, label=None, target_spacing=None, ct_window=None, crop_to_fo
     if ct_window is not None:
         img = window(img, *ct_window)
     else:
-        img = np.stack([normalize_percentile(c, lo, hi) for c in img])
+        img = np.stack([normalize_percentile(c) for c in img])
 
     if crop_to_foreground:
         box = foreground_box(img, -1.0)
@@ -686,13 +696,12 @@ class SyntheticVolumes(torch.utils.data.Dataset):
 
 
 PREP_VERSION = 1  # bump whenever preprocess() changes what it writes: the index hash then invalidates old caches
-INT16_SCALE = 1 / 32767  # int16 storage: value = int16 · INT16_SCALE
 
 
-def prep_version(lo: float = 0.05, hi: float = 99.95, threshold: float = -1.0, dtype: str = "float16") -> str:
+def prep_version() -> str:
     """Hash of everything that determines the cached voxels (the reference keys its cache on the item only)."""
     desc = {"version": PREP_VERSION, "orient": "RAS+", "steps": "fill_nonfinite,percentile,inplane_first,crop",
-            "lo": lo, "hi": hi, "threshold": threshold, "dtype": dtype}
+            "lo": 0.05, "hi": 99.95, "threshold": -1.0, "dtype": "float16"}
     return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -707,8 +716,7 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)  # readers never see a half-written file; a killed run leaves only *.tmp* litter
 
 
-def _prepare_one(source: str, out_dir: str, lo: float, hi: float, threshold: float, min_axis_size: int,
-                 dtype: str) -> tuple[list[dict], list[tuple[str, str]]]:
+def _prepare_one(source: str, out_dir: str, min_axis_size: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """Worker: one source file -> (cache entries, rejected (name, reason)). Never raises for bad data."""
     entries, rejected = [], []
     try:
@@ -723,7 +731,7 @@ def _prepare_one(source: str, out_dir: str, lo: float, hi: float, threshold: flo
     for c in range(x.shape[0]):
         name = source if x.shape[0] == 1 else f"{source} [frame {c}]"
         try:
-            y, sp = preprocess(x[c], spacing, lo, hi, threshold)
+            y, sp = preprocess(x[c], spacing)
         except Exception as e:  # constant / all-NaN frame (ValueError) or worse; writing errors below do raise
             rejected.append((source, f"{name}: {e}" if isinstance(e, ValueError) else f"{name}: {e!r}"))
             continue
@@ -731,24 +739,21 @@ def _prepare_one(source: str, out_dir: str, lo: float, hi: float, threshold: flo
             rejected.append((source, f"{name}: too small after foreground crop, shape {list(y.shape)} "
                                    f"(min_axis_size {min_axis_size})"))
             continue
-        arr = np.rint(y / INT16_SCALE).astype(np.int16) if dtype == "int16" else y.astype(np.float16)
         fname = f"{stem}-{tag}-f{c}.npy"
-        _atomic_write(Path(out_dir) / fname, lambda f: np.save(f, arr))
+        _atomic_write(Path(out_dir) / fname, lambda f: np.save(f, y.astype(np.float16)))
         entries.append({"file": fname, "shape": list(y.shape), "spacing": [float(s) for s in sp],
-                        "source": source, "frame": c, "n_frames": int(x.shape[0]), "dtype": dtype,
-                        "scale": INT16_SCALE if dtype == "int16" else 1.0})
+                        "source": source, "frame": c, "n_frames": int(x.shape[0])})
     return entries, rejected
 
 
-def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", workers: int = 2,
-            lo: float = 0.05, hi: float = 99.95, threshold: float = -1.0, retry_rejected: bool = False,
-            progress: bool = True) -> dict:
+def prepare(sources, out_dir, min_axis_size: int = 24, workers: int = 2,
+            retry_rejected: bool = False, progress: bool = True) -> dict:
     """Preprocess every volume of `sources` once into `out_dir` (all frames of 4D series).
 
     sources: a datalist JSON, folder, glob or list of paths (see `pretrain_sources`).
-    Each frame -> `out_dir/<stem>-<hash>-f<frame>.npy` ((h, w, d) float16, or int16 = value·32767), entry in
-    `out_dir/index.json` = {"version", "params", "entries": [{file, shape, spacing, source, frame, n_frames,
-    dtype, scale}], "rejected": [{source, reason}]}; entries are sorted, so the dataset's volume order does not
+    Each frame -> `out_dir/<stem>-<hash>-f<frame>.npy` ((h, w, d) float16: values in [−1, 1], steps ≤ 5e-4),
+    entry in `out_dir/index.json` = {"version", "params", "entries": [{file, shape, spacing, source, frame,
+    n_frames}], "rejected": [{source, reason}]}; entries are sorted, so the dataset's volume order does not
     depend on the worker count.
     Resumable: sources already in an index of the same version (whose file still exists) are skipped, as are
     previously rejected ones (unless `retry_rejected` or min_axis_size changed). A different version (other
@@ -758,13 +763,11 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
     """
 
     t0 = time.time()
-    if dtype not in ("float16", "int16"):
-        raise ValueError(f"dtype must be 'float16' or 'int16', got {dtype!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / "index.json"
-    version = prep_version(lo, hi, threshold, dtype)
-    params = {"lo": lo, "hi": hi, "threshold": threshold, "dtype": dtype, "min_axis_size": min_axis_size}
+    version = prep_version()
+    params = {"dtype": "float16", "min_axis_size": min_axis_size}
 
     entries, rejected_old = [], []
     if index_path.is_file():
@@ -772,14 +775,14 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
             old = load_index(out_dir)
         except Exception as e:
             old = {}
-            print(f"prepare: {index_path} unreadable ({e}); starting a fresh index", file=sys.stderr)
+            log.warning(f"prepare: {index_path} unreadable ({e}); starting a fresh index")
         if old and old.get("version") == version:
             entries = [e for e in old["entries"] if (out_dir / e["file"]).is_file()]
             same_min = old.get("params", {}).get("min_axis_size") == min_axis_size
             rejected_old = [] if retry_rejected or not same_min else old.get("rejected", [])
         elif old:
-            print(f"prepare: {index_path} was made with preprocessing version {old.get('version')} != {version};"
-                  f" rebuilding", file=sys.stderr)
+            log.warning(f"prepare: {index_path} was made with preprocessing version {old.get('version')} != "
+                        f"{version}; rebuilding")
 
     items = pretrain_sources(sources)
     done = {e["source"] for e in entries} | {r["source"] for r in rejected_old}
@@ -794,7 +797,7 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
         shape = item.get("shape")
         if shape and min(shape[:3]) <= min_axis_size:  # the reference's filter, from the datalist alone
             rejected.append((src, f"{src}: too small, datalist shape {shape} (min_axis_size {min_axis_size})"))
-            print(f"prepare: skipped {rejected[-1][1]}", file=sys.stderr)
+            log.warning(f"prepare: skipped {rejected[-1][1]}")
             continue
         todo.append(src)
     n_skipped = len(items) - len(todo)
@@ -806,8 +809,7 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
         _atomic_write(index_path, lambda f: f.write(json.dumps(index, indent=1).encode()))
 
     n_new, last_save = 0, time.time()
-    job = partial(_prepare_one, out_dir=str(out_dir), lo=lo, hi=hi, threshold=threshold, min_axis_size=min_axis_size,
-                  dtype=dtype)
+    job = partial(_prepare_one, out_dir=str(out_dir), min_axis_size=min_axis_size)
     pool = None
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
@@ -824,7 +826,7 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
             n_new += len(new)
             for src, reason in bad:
                 rejected.append((src, reason))
-                tqdm.write(f"prepare: skipped {reason}", file=sys.stderr)
+                log.warning(f"prepare: skipped {reason}")
             if time.time() - last_save > 30:  # a killed run resumes from here
                 save()
                 last_save = time.time()
@@ -833,8 +835,8 @@ def prepare(sources, out_dir, min_axis_size: int = 24, dtype: str = "float16", w
             pool.terminate()
         save()
     n_bad = len(rejected) - n_rejected_before
-    print(f"prepare: {n_new} volumes written, {n_skipped} sources skipped (already done or rejected before), "
-          f"{n_bad} rejected, {len(entries)} in {index_path}", file=sys.stderr)
+    log.info(f"prepare: {n_new} volumes written, {n_skipped} sources skipped (already done or rejected before), "
+             f"{n_bad} rejected, {len(entries)} in {index_path}")
     return {"index": str(index_path), "entries": len(entries), "new": n_new, "skipped": n_skipped,
             "rejected": rejected[n_rejected_before:], "seconds": time.time() - t0}
 
@@ -876,20 +878,21 @@ class PretrainDataset(torch.utils.data.Dataset):
     Small volumes: each axis is virtually padded with −1 to at least `pad_to` voxels (default min_axis_size;
     pad_to=global_crops_size never upsamples a volume); the box is drawn on the padded shape.
     Bad volumes (unreadable, wrong shape, too small on the raw path): a warning naming the file, then another
-    volume drawn deterministically from (seed, rank, k, attempt); after max_tries failures in a row, an error.
+    volume drawn deterministically from (seed, rank, k, attempt); after MAX_TRIES failures in a row, an error.
     """
+
+    MAX_TRIES = 10  # bad volumes in a row before a sample gives up
 
     def __init__(self, source=None, global_crops_size: int = 96, local_crops_size: int = 48, n_local: int = 8,
                  global_in_slice_scale=(0.48, 1.0), global_cross_slice_scale=(0.5, 1.0),
                  local_in_slice_scale=(0.16, 0.48), local_cross_slice_scale=(0.2, 0.5),
                  min_axis_size: int = 24, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 pad_to: int | None = None, max_tries: int = 10):
+                 pad_to: int | None = None):
         self.global_crops_size, self.local_crops_size, self.n_local = global_crops_size, local_crops_size, n_local
         self.global_scales = (tuple(global_in_slice_scale), tuple(global_cross_slice_scale))
         self.local_scales = (tuple(local_in_slice_scale), tuple(local_cross_slice_scale))
         self.min_axis_size, self.seed, self.rank, self.world_size = min_axis_size, seed, rank, world_size
         self.pad_to = min_axis_size if pad_to is None else pad_to
-        self.max_tries = max_tries
         self._bad: set[int] = set()  # per worker process: known-bad volumes are not re-read (nor re-logged)
         self._perm_cache: tuple[int, torch.Tensor] | None = None
 
@@ -902,10 +905,12 @@ class PretrainDataset(torch.utils.data.Dataset):
             self.kind, self.cache_dir = "cache", Path(source)
             index = load_index(source)
             p = index.get("params", {})
-            expected = prep_version(p.get("lo"), p.get("hi"), p.get("threshold"), p.get("dtype"))
+            if p.get("dtype", "float16") != "float16":
+                raise VolumeError(f"{source}: a {p['dtype']} cache of an older version; re-run `python data.py prepare`")
+            expected = prep_version()
             if index.get("version") != expected:
-                log.warning("%s: made by preprocessing version %s, this code writes %s; re-run `python data.py "
-                            "prepare`", source, index.get("version"), expected)
+                log.warning(f"{source}: made by preprocessing version {index.get('version')}, this code writes "
+                            f"{expected}; re-run `python data.py prepare`")
             self.entries = [e for e in index["entries"] if min(e["shape"]) > min_axis_size]
             self.names = [str(self.cache_dir / e["file"]) for e in self.entries]
         else:
@@ -931,15 +936,15 @@ class PretrainDataset(torch.utils.data.Dataset):
         return int(self._perm_cache[1][pos])
 
     def _open(self, v: int, g: torch.Generator):
-        """Volume v -> (spatial shape, (H, W, D) array, scale): voxel values are array · scale. For the cache the
-        array is a memory map (nothing read yet); mode "c" (copy-on-write: writes, which we never make, would stay
-        private) gives a writable array, which torch.from_numpy takes without a warning."""
+        """Volume v -> (spatial shape, (H, W, D) array). For the cache the array is a memory map (nothing read
+        yet); mode "c" (copy-on-write: writes, which we never make, would stay private) gives a writable array,
+        which torch.from_numpy takes without a warning."""
         if self.kind == "cache":
             e = self.entries[v]
             arr = np.load(self.cache_dir / e["file"], mmap_mode="c", allow_pickle=False)  # header only
             if tuple(arr.shape) != tuple(e["shape"]):
                 raise VolumeError(f"{self.names[v]}: shape {list(arr.shape)} != index {e['shape']} (stale cache)")
-            return arr.shape, arr, float(e.get("scale", 1.0))
+            return arr.shape, arr
         if self.kind == "dataset":
             x = self.volumes[v]["image"]
             x = np.asarray(x.numpy() if torch.is_tensor(x) else x, dtype=np.float32)
@@ -955,12 +960,12 @@ class PretrainDataset(torch.utils.data.Dataset):
                 raise VolumeError(f"{self.names[v]}: too small after foreground crop, shape {list(x.shape)}")
         if x.ndim != 3:
             raise VolumeError(f"{self.names[v]}: expected a (1, H, W, D) volume, got {list(x.shape)}")
-        return x.shape, (x if x.flags.writeable else x.copy()), 1.0  # torch.from_numpy warns on read-only arrays
+        return x.shape, (x if x.flags.writeable else x.copy())  # torch.from_numpy warns on read-only arrays
 
-    def _read_box(self, shape, arr, scale, box) -> torch.Tensor:
+    def _read_box(self, shape, arr, box) -> torch.Tensor:
         """The box (h0, w0, d0, ch, cw, cd) of the padded volume as (1, ch, cw, cd) float32: only the in-volume
         part is read, the rest is −1.
-        The read is one torch copy_ from the (memory-mapped) array into the output: it converts float16/int16 ->
+        The read is one torch copy_ from the (memory-mapped) array into the output: it converts float16 ->
         float32 vectorised while it reads. numpy's float16 -> float32 cast is ~8× slower and was most of the cost
         of a sample (bench.py augment: 35 of 40 ms for the 10 boxes of a sample)."""
         out = torch.empty(tuple(box[3:]), dtype=torch.float32)
@@ -976,22 +981,20 @@ class PretrainDataset(torch.utils.data.Dataset):
             out.fill_(-1.0)  # part of the box is padding (only then: a fill is one more pass over the box)
         region = out[tuple(dst)]
         region.copy_(torch.from_numpy(arr[tuple(src)]))
-        if scale != 1.0:  # int16 cache
-            region.mul_(scale)
         return out[None]
 
     def _crops(self, v: int, g: torch.Generator) -> dict:
-        shape, arr, scale = self._open(v, g)
+        shape, arr = self._open(v, g)
         padded = tuple(max(n, self.pad_to) for n in shape)
         boxes = [sample_crop_box(padded, *self.global_scales, generator=g) for _ in range(2)]
         boxes += [sample_crop_box(padded, *self.local_scales, generator=g) for _ in range(self.n_local)]
-        crops = [self._read_box(shape, arr, scale, b) for b in boxes]
+        crops = [self._read_box(shape, arr, b) for b in boxes]
         return {"global_crops": crops[:2], "local_crops": crops[2:], "index": v}
 
     def __getitem__(self, k: int) -> dict:
         k = int(k)
         v, last = self.volume_for(k), None
-        for attempt in range(self.max_tries):
+        for attempt in range(self.MAX_TRIES):
             if attempt:  # another volume, a pure function of (seed, rank, k, attempt)
                 v = int(torch.randint(len(self.names), (1,), generator=_generator(self.seed, self.rank, k, attempt, 1)))
             if v in self._bad:
@@ -1003,9 +1006,9 @@ class PretrainDataset(torch.utils.data.Dataset):
             except (VolumeError, OSError, ValueError, EOFError) as e:  # bugs (TypeError, ...) still crash
                 last = e
                 self._bad.add(v)
-                log.warning("PretrainDataset: skipping bad volume %s (%s: %s); drawing another",
-                            self.names[v], type(e).__name__, e)
-        raise RuntimeError(f"PretrainDataset: {self.max_tries} bad volumes in a row at k={k}; last error: {last}")
+                log.warning(f"PretrainDataset: skipping bad volume {self.names[v]} ({type(e).__name__}: {e}); "
+                            f"drawing another")
+        raise RuntimeError(f"PretrainDataset: {self.MAX_TRIES} bad volumes in a row at k={k}; last error: {last}")
 
 
 def collate_pretrain(samples: list[dict]) -> dict:
@@ -1113,8 +1116,6 @@ if __name__ == "__main__":
     a.add_argument("--datalist", required=True, help="datalist JSON (pretraining or finetuning), folder or glob")
     a.add_argument("--out", required=True, help="cache folder (index.json + .npy files)")
     a.add_argument("--min_axis_size", type=int, default=24, help="drop volumes with min(shape) <= this (ref: 24)")
-    a.add_argument("--dtype", default="float16", choices=["float16", "int16"],
-                   help="storage; both are 2 bytes/voxel, int16 has uniform 3e-5 steps over [-1, 1]")
     a.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")
     a.add_argument("--retry", action="store_true", help="retry files rejected by a previous run")
     a = sub.add_parser("show", help="print shape, spacing, orientation and value range of volumes")
@@ -1124,7 +1125,7 @@ if __name__ == "__main__":
     if args.cmd == "make-datalist":
         items, bad = make_datalist(args.dir)
         for path, why in bad:
-            print(f"make-datalist: skipped {why}", file=sys.stderr)
+            log.warning(f"make-datalist: skipped {why}")
         # every datalist reader resolves a relative path against the JSON's folder: write paths below that
         # folder relative to it (the pair can move together), all others absolute
         root = Path(args.out).resolve().parent
@@ -1136,8 +1137,8 @@ if __name__ == "__main__":
         print(f"make-datalist: {len(items)} volumes -> {args.out} ({len(bad)} skipped)")
         sys.exit(0 if items else 1)
     elif args.cmd == "prepare":
-        summary = prepare(args.datalist, args.out, min_axis_size=args.min_axis_size, dtype=args.dtype,
-                          workers=args.workers, retry_rejected=args.retry)
+        summary = prepare(args.datalist, args.out, min_axis_size=args.min_axis_size, workers=args.workers,
+                          retry_rejected=args.retry)
         summary["rejected"] = len(summary["rejected"])  # names went to stderr
         print(json.dumps(summary))
         if not load_index(args.out).get("entries"):

@@ -555,11 +555,10 @@ while True:
     x = batch["image"].flatten(0, 1).to(device, non_blocking=True)  # (B, S, C, c, c, c) -> (B·S, C, c, c, c)
     y = batch["label"].flatten(0, 1).to(device, non_blocking=True)  # (B·S, c, c, c)
     xy = torch.cat([x, y[:, None].float()], 1)  # the label rides along as a channel: same flips and rotations
-    for axis in range(3):
-        xy = augment.random_flip(xy, axis, flip_prob, gen)
-    xy = augment.random_rot90(xy, (0, 1), rot90_prob, gen)
+    n = xy.shape[0]
+    plan = sum((augment.plan_flip(n, axis, flip_prob, gen) for axis in range(3)), [])
+    xy = augment.run_plan(xy, plan + augment.plan_rot90(n, (0, 1), rot90_prob, gen))
     x, y = xy[:, :-1], xy[:, -1].round().long()
-    n = x.shape[0]
     u = lambda a, p: (torch.rand(n, generator=gen) * 2 - 1) * a * (torch.rand(n, generator=gen) < p)  # noqa: E731
     x = x * (1 + u(scale_intensity, scale_prob).to(device).view(-1, 1, 1, 1, 1))  # RandScaleIntensity
     x = x + u(shift_intensity, shift_prob).to(device).view(-1, 1, 1, 1, 1)  # RandShiftIntensity

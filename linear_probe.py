@@ -265,14 +265,12 @@ def to_input(x, g=None):
             x = F.pad(x, pad, value=-1.0)
     if g is None:
         return x.contiguous()
-    x = x[None].contiguous()  # (1, C, S, S, S) for the batched augment.py transforms
-    for axis in range(3):
-        x = augment.random_flip(x, axis, 0.5, g)
+    x = x[None].clone()  # (1, C, S, S, S) for the batched augment.py plans (which work in place)
+    plan = augment.plan_flip(1, 0, 0.5, g) + augment.plan_flip(1, 1, 0.5, g) + augment.plan_flip(1, 2, 0.5, g)
     c = augment.one_of_choice(1, 4, 0.3, g)  # reference: OneOf{contrast, sharpen, smooth, noise}, p 0.3 each
-    x = augment.gamma_contrast(x, 1.0, g, apply=c == 0)
-    x = augment.gaussian_sharpen(x, 1.0, g, apply=c == 1)
-    x = augment.gaussian_smooth(x, 1.0, g, apply=c == 2)
-    x = augment.gaussian_noise(x, 1.0, g, apply=c == 3)
+    plan += augment.plan_gamma(1, 1.0, g, apply=c == 0) + augment.plan_sharpen(1, 1.0, g, apply=c == 1)
+    plan += augment.plan_smooth(1, 1.0, g, apply=c == 2) + augment.plan_noise(1, 1.0, g, apply=c == 3)
+    x = augment.run_plan(x, plan)
     scale, shift = 0.9 + 0.2 * torch.rand(1, generator=g), -0.1 + 0.2 * torch.rand(1, generator=g)
     return (x[0] * scale + shift).contiguous()  # intensity scale +-10% and shift +-0.1, p 1
 

@@ -312,6 +312,29 @@ class ViT3D(nn.Module):
         last = self.blocks[-1]
         return last.attn.attention_probs(last.norm1(x))
 
+    def flops(self, n_tokens: int) -> int:
+        """Matmul FLOPs of one forward pass over an n_tokens sequence (2 per multiply-add): per token and block
+        qkv 6E², proj 2E², MLP 4·E·hidden, attention 4·T·E (scores and weighted sum); the patch embedding and
+        norms are left out (nanoGPT's count)."""
+        E, T = self.embed_dim, n_tokens
+        hidden = self.blocks[0].mlp.fc1.out_features
+        return self.depth * T * (8 * E * E + 4 * E * hidden + 4 * T * E)
+
+
+# dense bf16 tensor-core peak FLOP/s per GPU, by a substring of torch.cuda.get_device_name()
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def estimate_mfu(flops_per_sample: float, samples_per_s: float, device) -> float | None:
+    """Model FLOPs utilisation: achieved FLOP/s over the GPU's peak (PEAK_FLOPS); None where the peak is unknown
+    (CPU, other GPUs). samples_per_s is per device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return samples_per_s * flops_per_sample / peak if peak else None
+
 
 def vit_tiny(**kw):
     return ViT3D(embed_dim=192, depth=12, num_heads=3, **kw)
@@ -378,6 +401,11 @@ class DINOHead(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
+
+    def flops(self) -> int:
+        """Matmul FLOPs of one token's forward pass through the head (MLP and the K-way last layer)."""
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        return 2 * (sum(m.weight.numel() for m in linears) + self.last_layer.weight_v.numel())
 
     def forward(self, x):
         x = self.mlp(x)

@@ -339,21 +339,14 @@ if ddp:
 # logging
 
 
-def flops_per_image(bb):
-    """Matmul FLOPs of one image's training step (student fwd+bwd = 3x forward, teacher forward), counting
-    2 FLOPs per multiply-add: per token and block 24 E^2 (qkv 6, proj 2, MLP 16) + 4 T E (scores, weighted sum)
-    for a T-token sequence; plus the heads (MLP and the K-way last layer) on the CLS and masked tokens."""
-    E, L = bb.embed_dim, bb.depth
+def flops_per_image():
+    """Matmul FLOPs of one image's training step: the student's forward and backward (3× forward) over 2 global
+    and n_local local crops, its heads on the CLS tokens and the masked patch tokens, and the teacher's forward."""
+    bb, head = raw_student.backbone, raw_student.dino_head.flops()
     tg, tl = (global_crops_size // patch_size) ** 3 + 1, (local_crops_size // patch_size) ** 3 + 1
-    vit = lambda T: L * T * (24 * E * E + 4 * T * E)  # noqa: E731
-    head = 2 * (E * head_hidden_dim + head_hidden_dim ** 2 + head_hidden_dim * head_bottleneck_dim
-                + head_bottleneck_dim * head_n_prototypes)
     n_masked = 2 * (tg - 1) * mask_sample_probability * sum(mask_ratio_min_max) / 2  # expected per image
-    student = 3 * (2 * vit(tg) + n_local_crops * vit(tl) + (2 + n_local_crops) * head + n_masked * head)
-    return student + 2 * vit(tg) + 2 * head + n_masked * head
-
-
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 tensor-core peak
+    student = 3 * (2 * bb.flops(tg) + n_local_crops * bb.flops(tl) + (2 + n_local_crops + n_masked) * head)
+    return student + 2 * bb.flops(tg) + (2 + n_masked) * head
 
 
 def log_line(d):
@@ -372,11 +365,7 @@ elif master_process and os.path.exists(log_path):
     keep = [l for l in open(log_path) if json.loads(l).get("step", 0) <= start_step]
     with open(log_path, "w") as f:
         f.writelines(keep)
-peak_flops = None
-if device_type == "cuda":
-    name = torch.cuda.get_device_name(device)
-    peak_flops = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-img_flops = flops_per_image(raw_student.backbone)
+img_flops = flops_per_image()
 
 # -----------------------------------------------------------------------------
 # the training loop
@@ -494,9 +483,9 @@ for it in range(start_step, max_iters):
                 s_glob, s_loc, s_ibot, cls_g = student(v["global_crops"], v["local_crops"], v["masks"],
                                                        v["mask_indices_list"])
             dino = losses.dino_loss(list(s_glob.chunk(2)) + list(s_loc.chunk(n_local_crops)),
-                                    list(dino_targets[micro].chunk(2)), student_temp, check=False)
-            ibot = losses.ibot_loss(s_ibot, ibot_t, v["masks_weight"], len(cls_g), student_temp, check=False)
-            koleo = sum(losses.koleo_loss(c, check=False) for c in cls_g.chunk(2))  # per global crop, not across
+                                    list(dino_targets[micro].chunk(2)), student_temp)
+            ibot = losses.ibot_loss(s_ibot, ibot_t, v["masks_weight"], len(cls_g), student_temp)
+            koleo = sum(losses.koleo_loss(c) for c in cls_g.chunk(2))  # per global crop, not across
             loss = dino_loss_weight * dino + ibot_loss_weight * ibot + koleo_loss_weight * koleo
             (loss / grad_accum_steps).backward()
         for k, val in (("dino_loss", dino), ("ibot_loss", ibot), ("koleo_loss", koleo_loss_weight * koleo)):
@@ -545,8 +534,9 @@ for it in range(start_step, max_iters):
         rec["collapse"] = collapse
         if device_type == "cuda":
             rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            if peak_flops:
-                rec["mfu"] = samples_per_s / world_size * img_flops / peak_flops
+            mfu = model.estimate_mfu(img_flops, samples_per_s / world_size, device)
+            if mfu is not None:
+                rec["mfu"] = mfu
         if master_process:
             log_line(rec)
             pbar.set_postfix(dino=f"{rec['dino_loss']:.2f}/lnK {math.log(head_n_prototypes):.2f}",

@@ -11,22 +11,33 @@ import torch.nn.functional as F
 
 import augment
 
+
+def run(x, plan):
+    """Apply a plan to a copy of x (the plans work in place)."""
+    return augment.run_plan(x.clone(), plan)
+
+
+def recipe(plan_fn):
+    """A view recipe as fn(x, g) -> y."""
+    return lambda x, g: run(x, plan_fn(len(x), g))
+
+
 # the batched transforms with their "apply always" probability, as (name, fn(x, g) -> y)
 TRANSFORMS = [
-    ("flip0", lambda x, g: augment.random_flip(x, 0, 0.5, g)),
-    ("flip2", lambda x, g: augment.random_flip(x, 2, 0.5, g)),
-    ("rot90_01", lambda x, g: augment.random_rot90(x, (0, 1), 0.5, g)),
-    ("rot90_12", lambda x, g: augment.random_rot90(x, (1, 2), 0.5, g)),
-    ("gamma", lambda x, g: augment.gamma_contrast(x, 1.0, g)),
-    ("noise", lambda x, g: augment.gaussian_noise(x, 1.0, g)),
-    ("hist", lambda x, g: augment.histogram_shift(x, 1.0, g)),
-    ("smooth", lambda x, g: augment.gaussian_smooth(x, 1.0, g)),
-    ("sharpen", lambda x, g: augment.gaussian_sharpen(x, 1.0, g)),
-    ("gibbs", lambda x, g: augment.gibbs_noise(x, 1.0, g)),
-    ("one_of", lambda x, g: augment.intensity_one_of(x, g)),
-    ("global_view_1", augment.global_view_1),
-    ("global_view_2", augment.global_view_2),
-    ("local_views", augment.local_views),
+    ("flip0", lambda x, g: run(x, augment.plan_flip(len(x), 0, 0.5, g))),
+    ("flip2", lambda x, g: run(x, augment.plan_flip(len(x), 2, 0.5, g))),
+    ("rot90_01", lambda x, g: run(x, augment.plan_rot90(len(x), (0, 1), 0.5, g))),
+    ("rot90_12", lambda x, g: run(x, augment.plan_rot90(len(x), (1, 2), 0.5, g))),
+    ("gamma", lambda x, g: run(x, augment.plan_gamma(len(x), 1.0, g))),
+    ("noise", lambda x, g: run(x, augment.plan_noise(len(x), 1.0, g))),
+    ("hist", lambda x, g: run(x, augment.plan_histogram(len(x), 1.0, g))),
+    ("smooth", lambda x, g: run(x, augment.plan_smooth(len(x), 1.0, g))),
+    ("sharpen", lambda x, g: run(x, augment.plan_sharpen(len(x), 1.0, g))),
+    ("gibbs", lambda x, g: run(x, augment.plan_gibbs(len(x), 1.0, g))),
+    ("one_of", recipe(augment.plan_intensity_one_of)),
+    ("global_view_1", recipe(augment.plan_global_view_1)),
+    ("global_view_2", recipe(augment.plan_global_view_2)),
+    ("local_views", recipe(augment.plan_local_views)),
 ]
 
 
@@ -137,28 +148,28 @@ def test_transform_cpu_generator_cuda_data(name, fn):
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_flip_is_torch_flip_per_sample(axis):
     x = cubes(B=32)
-    y = augment.random_flip(x, axis, 0.5, gen(4))
+    y = run(x, augment.plan_flip(len(x), axis, 0.5, gen(4)))
     flipped = [torch.equal(y[b], x[b].flip(1 + axis)) for b in range(32)]
     kept = [torch.equal(y[b], x[b]) for b in range(32)]
     assert all(f or k for f, k in zip(flipped, kept))  # each sample: flipped or untouched, nothing else
     assert 5 < sum(flipped) < 27  # p = 0.5 per sample, independently
-    assert torch.equal(augment.random_flip(x, axis, 1.0, gen(4)), x.flip(2 + axis))
+    assert torch.equal(run(x, augment.plan_flip(len(x), axis, 1.0, gen(4))), x.flip(2 + axis))
 
 
 @pytest.mark.parametrize("plane", [(0, 1), (1, 2), (0, 2)])
 def test_rot90_is_torch_rot90_per_sample(plane):
     x = cubes(B=48)
-    y = augment.random_rot90(x, plane, 0.5, gen(5))
+    y = run(x, augment.plan_rot90(len(x), plane, 0.5, gen(5)))
     ks = []
     for b in range(48):
         match = [k for k in range(4) if torch.equal(y[b], torch.rot90(x[b], k, dims=(1 + plane[0], 1 + plane[1])))]
         assert len(match) == 1
         ks.append(match[0])
     assert set(ks) == {0, 1, 2, 3}  # not applied, and all three k ∈ {1, 2, 3} occur
-    y = augment.random_rot90(x, plane, 1.0, gen(5))
+    y = run(x, augment.plan_rot90(len(x), plane, 1.0, gen(5)))
     assert all(not torch.equal(y[b], x[b]) for b in range(48))
     with pytest.raises(AssertionError):
-        augment.random_rot90(torch.rand(2, 1, 4, 5, 5), (0, 1), 1.0, gen(0))  # non-square plane
+        run(torch.rand(2, 1, 4, 5, 5), augment.plan_rot90(2, (0, 1), 1.0, gen(0)))  # non-square plane
 
 
 @pytest.mark.parametrize("chunk_bytes", [augment.CPU_CHUNK_BYTES, 3 * 4 * 5**3])  # whole batch / 3 samples
@@ -169,15 +180,15 @@ def test_fused_geometry_equals_the_six_separate_steps(monkeypatch, chunk_bytes):
     n, p = 400, 0.5
     x = torch.rand(n, 2, 5, 5, 5, generator=gen(0))  # 2 channels: the channel axis must stay put
     g_seq = gen(9)
-    steps = [augment._plan_flip(n, a, p, g_seq) for a in range(3)]
-    steps += [augment._plan_rot90(n, plane, p, g_seq) for plane in ((0, 1), (1, 2), (0, 2))]
-    want = augment._run_plan(x.clone(), steps)
-    got = augment._run_plan(x.clone(), augment._plan_geometric(n, gen(9), p))
+    steps = sum((augment.plan_flip(n, a, p, g_seq) for a in range(3)), [])
+    steps += sum((augment.plan_rot90(n, plane, p, g_seq) for plane in ((0, 1), (1, 2), (0, 2))), [])
+    want = augment.run_plan(x.clone(), steps)
+    got = augment.run_plan(x.clone(), augment.plan_geometric(n, gen(9), p))
     assert torch.equal(got, want)
-    codes = augment._plan_geometric(n, gen(9), p)[0][1]["code"]
+    codes = augment.plan_geometric(n, gen(9), p)[0][1]["code"]
     assert len(set(codes.tolist())) == 48  # every symmetry of the cube occurs: the whole table is exercised
     with pytest.raises(ValueError, match="cubes"):
-        augment._run_plan(torch.rand(n, 1, 4, 5, 5), augment._plan_geometric(n, gen(9), p))
+        augment.run_plan(torch.rand(n, 1, 4, 5, 5), augment.plan_geometric(n, gen(9), p))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -186,7 +197,7 @@ def test_fused_geometry_equals_the_six_separate_steps(monkeypatch, chunk_bytes):
 
 def test_gamma_contrast_keeps_range_and_is_a_power_curve():
     x = cubes(B=8)
-    y = augment.gamma_contrast(x, 1.0, gen(6))
+    y = run(x, augment.plan_gamma(len(x), 1.0, gen(6)))
     lo, hi = x.flatten(1).amin(1), x.flatten(1).amax(1)
     torch.testing.assert_close(y.flatten(1).amin(1), lo, atol=1e-5, rtol=0)
     torch.testing.assert_close(y.flatten(1).amax(1), hi, atol=1e-5, rtol=0)
@@ -209,7 +220,7 @@ def test_gamma_contrast_keeps_range_and_is_a_power_curve():
 
 def test_gaussian_noise_std_range():
     x = torch.zeros(64, 1, 8, 8, 8)
-    y = augment.gaussian_noise(x, 1.0, gen(7))
+    y = run(x, augment.plan_noise(len(x), 1.0, gen(7)))
     std = y.flatten(1).std(1)
     assert std.max() < 0.0025 and std.min() < 0.0005 and std.max() > 0.0015  # σ ~ U(0, 0.002) per sample
 
@@ -217,7 +228,7 @@ def test_gaussian_noise_std_range():
 def test_histogram_shift_monotone_keeps_range_and_matches_np_interp():
     # a volume whose C-order flattening is sorted: the map must keep it sorted
     x = torch.sort(torch.rand(6, 1 * 10 * 10 * 10, generator=gen(8)) * 4 - 2, dim=1).values.view(6, 1, 10, 10, 10)
-    y = augment.histogram_shift(x, 1.0, gen(9))
+    y = run(x, augment.plan_histogram(len(x), 1.0, gen(9)))
     assert (y.flatten(1).diff(dim=1) >= -1e-6).all()
     torch.testing.assert_close(y.flatten(1).amin(1), x.flatten(1).amin(1), atol=1e-6, rtol=0)
     torch.testing.assert_close(y.flatten(1).amax(1), x.flatten(1).amax(1), atol=1e-6, rtol=0)
@@ -231,7 +242,7 @@ def test_histogram_shift_monotone_keeps_range_and_matches_np_interp():
         ref = np.interp(xb, np.linspace(0, 1, 10) * (hi - lo) + lo, f[b].double().numpy() * (hi - lo) + lo)
         np.testing.assert_allclose(out[b].numpy().ravel(), ref, atol=1e-5)
     const = torch.full((2, 1, 4, 4, 4), 0.3)
-    torch.testing.assert_close(augment.histogram_shift(const, 1.0, gen(0)), const)  # constant image: no-op
+    torch.testing.assert_close(run(const, augment.plan_histogram(len(const), 1.0, gen(0))), const)  # constant image: no-op
 
 
 def test_gaussian_kernel_erf_taps():
@@ -268,7 +279,7 @@ def test_gaussian_filter_matches_scipy_and_is_per_sample(shape):
 
 def test_gaussian_smooth_smooths():
     x = cubes(B=4, S=16)
-    y = augment.gaussian_smooth(x, 1.0, gen(11))
+    y = run(x, augment.plan_smooth(len(x), 1.0, gen(11)))
     inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
     assert (y[inner].flatten(1).std(1) < 0.8 * x[inner].flatten(1).std(1)).all()  # white noise gets smoother
 
@@ -336,10 +347,10 @@ def test_one_of_probabilities():
 def test_view_recipes_extras():
     x = cubes(B=64, S=8)
     # global view 1 blurs or sharpens every sample: none is a pure geometric/intensity copy of the input
-    y = augment.global_view_1(x, gen(17))
+    y = run(x, augment.plan_global_view_1(len(x), gen(17)))
     assert (y.flatten(1).std(1) != x.flatten(1).std(1)).all()
     # local views: geometry keeps the sorted values; intensity OneOf and smooth p=0.5 change some, not all
-    y = augment.local_views(x, gen(18))
+    y = run(x, augment.plan_local_views(len(x), gen(18)))
     same = [torch.allclose(torch.sort(y[b].flatten()).values, torch.sort(x[b].flatten()).values) for b in range(64)]
     assert 0 < sum(same) < 32  # untouched by intensity ≈ 0.2·0.5 = 10%
 
@@ -428,31 +439,33 @@ def test_make_views_equals_resize_then_the_view_recipes():
              "index": torch.arange(B)}
     out = augment.make_views(batch, 12, 6, 4, gen(5), "cpu")
     g = gen(5)
-    p1, p2 = augment._plan_global_view_1(B, g), augment._plan_global_view_2(B, g)
+    p1, p2 = augment.plan_global_view_1(B, g), augment.plan_global_view_2(B, g)
     G = augment.resize_crops(batch["global_crops"][0] + batch["global_crops"][1], 12)
-    augment._run_plan(G[:B], p1)
-    augment._run_plan(G[B:], p2)
+    augment.run_plan(G[:B], p1)
+    augment.run_plan(G[B:], p2)
     L = augment.resize_crops([c for cs in batch["local_crops"] for c in cs], 6)
-    augment._run_plan(L, augment._plan_local_views(B * n_local, g))
+    augment.run_plan(L, augment.plan_local_views(B * n_local, g))
     assert torch.equal(out["global_crops"], G) and torch.equal(out["local_crops"], L)
     codes = torch.cat([p1[0][1]["code"], p2[0][1]["code"]])
     assert (codes != 0).sum() >= 3  # the symmetries were exercised
 
 
-def test_reference_views_shapes():
+def test_bench_reference_views_shapes():
+    import bench  # the benchmark's per-sample pipeline (the reference's structure) on the same plans
+
     vol = torch.rand(1, 40, 36, 20, generator=gen(22))
-    r = augment.reference_views(vol, gen(23), global_size=16, local_size=8, n_local=8)
+    r = bench.reference_views(vol, gen(23), global_size=16, local_size=8, n_local=8)
     assert [v.shape for v in r["global_crops"]] == [(1, 16, 16, 16)] * 2
     assert [v.shape for v in r["local_crops"]] == [(1, 8, 8, 8)] * 8
 
 
-@pytest.mark.parametrize("recipe", [augment.global_view_1, augment.global_view_2, augment.local_views])
-def test_views_do_not_depend_on_chunking(recipe, monkeypatch):
+@pytest.mark.parametrize("plan_fn", [augment.plan_global_view_1, augment.plan_global_view_2, augment.plan_local_views])
+def test_views_do_not_depend_on_chunking(plan_fn, monkeypatch):
     # parameters are drawn for the whole batch before the CPU runs it in cache-sized chunks: same views either way
     x = cubes(B=10, S=12)
-    whole = recipe(x, gen(30))  # 12³ crops: the whole batch is one chunk
+    whole = recipe(plan_fn)(x, gen(30))  # 12³ crops: the whole batch is one chunk
     monkeypatch.setattr(augment, "CPU_CHUNK_BYTES", 1)  # one sample per chunk
-    torch.testing.assert_close(recipe(x, gen(30)), whole, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(recipe(plan_fn)(x, gen(30)), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_keep_freed_memory_is_applied_on_glibc_only():

@@ -318,22 +318,17 @@ def test_bad_inputs_raise_clear_errors():
         ibot_loss(torch.randn(0, K), torch.zeros(0, K), torch.zeros(0), 4)
     with pytest.raises(ValueError, match="no rows"):
         sinkhorn_knopp(torch.randn(0, K), 0.05)
-    with pytest.raises(ValueError, match="n_crops"):  # passing n_global_crops = 2 instead of 2B = 8
-        ibot_loss(torch.randn(8, K), torch.softmax(torch.randn(8, K), -1), torch.full((8,), 0.5), 2)
     with pytest.raises(ValueError, match="center"):
         softmax_center(torch.randn(B, K), torch.zeros(1, K + 1), 0.05)
     with pytest.raises(ValueError, match="no .*pair"):
         dino_loss([S], [P])
+    # NaN/inf are not raised here (that would be a host sync per loss on a GPU): they reach the value, and
+    # pretrain.py's check on the total stops the run (tests/test_pretrain.py)
     nan = torch.full((B, K), float("nan"))
-    with pytest.raises(FloatingPointError, match="dino_loss"):
-        dino_loss([S, nan, S], [P, P])
-    with pytest.raises(FloatingPointError, match="dino_loss"):  # NaN teacher logits reach the loss via Sinkhorn
-        dino_loss([S, S, S], list(sinkhorn_knopp(torch.cat([nan, S]), 0.05).chunk(2)))
-    with pytest.raises(FloatingPointError, match="ibot_loss"):
-        ibot_loss(nan, P, torch.ones(B) / B, 2)
-    with pytest.raises(FloatingPointError, match="koleo_loss"):
-        koleo_loss(torch.cat([nan, S]))
-    assert torch.isnan(dino_loss([S, nan, S], [P, P], check=False))  # check=False: no sync, no raise
+    assert torch.isnan(dino_loss([S, nan, S], [P, P]))
+    assert torch.isnan(dino_loss([S, S, S], list(sinkhorn_knopp(torch.cat([nan, S]), 0.05).chunk(2))))
+    assert torch.isnan(ibot_loss(nan, P, torch.ones(B) / B, 2))
+    assert torch.isnan(koleo_loss(torch.cat([nan, S])))
 
 
 # ----------------------------------------------------------------------------------------------------------------

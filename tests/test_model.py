@@ -113,6 +113,25 @@ def test_last_self_attention_rows_sum_to_one():
     torch.testing.assert_close(a.sum(-1), torch.ones(2, 2, 9))
 
 
+def test_flops_match_torch_flop_counter():
+    """ViT3D.flops / DINOHead.flops (behind pretrain.py's MFU) against torch's own count of the same forward pass,
+    less the patch-embedding convolution that the nanoGPT-style count leaves out."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    vit = model.ViT3D(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_ratio=3.0)
+    x = torch.randn(2, 1, 32, 32, 32)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:  # the counter sees math attention
+        vit.forward_features(x)
+    conv = 2 * 2 * 64 * 48 * 8 ** 3  # the patch embedding: 2 images × 64 patches × E outputs × P³ inputs
+    assert fc.get_total_flops() - conv == 2 * vit.flops(1 + 64)
+    head = model.DINOHead(48, 100, hidden_dim=40, bottleneck_dim=16)
+    with FlopCounterMode(display=False) as fc:
+        head(torch.randn(5, 48))
+    assert fc.get_total_flops() == 5 * head.flops()
+    assert model.estimate_mfu(1e9, 10.0, "cpu") is None  # no known peak off CUDA
+
+
 def test_pos_embed_interpolation_matches_torch_cpu_trilinear():
     # our separable matrices reproduce F.interpolate(scale_factor=(n+0.1)/g) on CPU, incl. the copy on equal axes
     torch.manual_seed(0)

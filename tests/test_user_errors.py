@@ -194,16 +194,16 @@ def test_help_lists_the_keys_with_their_comments():
         assert "config keys" in p.stdout and "out_dir = " in p.stdout and "threads = 0  # torch CPU threads" in p.stdout
 
 
-def test_augment_wrappers_take_the_one_of_choice():
-    """linear_probe.py's augment_train=True passes OneOf's choice to each intensity transform (`apply=`): the
+def test_augment_plans_take_the_one_of_choice():
+    """linear_probe.py's augment_train=True passes OneOf's choice to each intensity transform (`apply=`): the old
     wrappers had lost that argument and the probe configs that set augment_train crashed with a TypeError."""
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 1, 8, 8, 8) * 2 - 1
     apply = torch.tensor([True, False, True, False])
-    for fn in (augment.gamma_contrast, augment.gaussian_sharpen, augment.gaussian_smooth, augment.gaussian_noise):
-        y = fn(x, 1.0, g, apply=apply)
-        assert torch.equal(y[1], x[1]) and torch.equal(y[3], x[3]), fn.__name__  # not chosen: untouched
-        assert not torch.equal(y[0], x[0]), fn.__name__
+    for plan_fn in (augment.plan_gamma, augment.plan_sharpen, augment.plan_smooth, augment.plan_noise):
+        y = augment.run_plan(x.clone(), plan_fn(4, 1.0, g, apply=apply))
+        assert torch.equal(y[1], x[1]) and torch.equal(y[3], x[3]), plan_fn.__name__  # not chosen: untouched
+        assert not torch.equal(y[0], x[0]), plan_fn.__name__
 
 
 @requires_shared
