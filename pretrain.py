@@ -559,6 +559,8 @@ for it in range(start_step, max_iters):
 if master_process:
     pbar.close()
     print(f"done: {max_iters} steps; checkpoint {ckpt_path}, teacher export {os.path.join(out_dir, 'teacher_backbone.pt')}")
+    print(metrics.pretrain_summary([json.loads(line) for line in open(log_path)], head_n_prototypes,
+                                   mask_sample_probability))
     if visualize_at_end:
         import visualize
 

@@ -1,9 +1,13 @@
 """metrics.py against hand-built cases, brute-force definitions and scipy."""
+import math
+
 import numpy as np
 import pytest
+
 from scipy import ndimage, stats
 from scipy.spatial.distance import cdist
 
+import metrics
 from metrics import (accuracy, bootstrap_ci, confusion_matrix, dice, f1_macro, hd95, macro_auc, roc_auc,
                      wilcoxon)
 
@@ -299,3 +303,17 @@ def test_ibot_kl_subtracts_the_loss_weighting_of_the_target_entropy():
                           ibot_targets=targets, ibot_weights=w, ibot_loss=loss, n_crops=4)
     assert m["ibot_target_entropy"] == pytest.approx(math.log(K), abs=1e-5)
     assert m["ibot_kl"] == pytest.approx(0.3, abs=1e-5)
+
+
+def test_pretrain_summary_reads_the_last_tenth_of_the_rows_against_ln_k():
+    K = 256
+    ln_k = math.log(K)
+    rows = [{"config": {}}] + [{"step": i, "dino_loss": ln_k, "ibot_loss": 0.5 * ln_k} for i in range(19)]
+    assert "still near the uniform fixed point" in metrics.pretrain_summary(rows, K, 0.5)
+    rows += [{"step": 19, "dino_loss": 0.7 * ln_k, "ibot_loss": 0.25 * ln_k},
+             {"step": 20, "dino_loss": 0.78 * ln_k, "ibot_loss": 0.25 * ln_k}]
+    line = metrics.pretrain_summary(rows, K, 0.5)  # 21 rows: the last 2 count
+    assert "= 0.740 ln K over the last 2 of 21" in line and "left the uniform fixed point" in line
+    assert "0.50 x its no-information value" in line
+    rows[-1]["dino_loss"] = 0.95 * ln_k
+    assert "above the 0.8 ln K criterion" in metrics.pretrain_summary(rows, K, 0.5)
