@@ -906,7 +906,8 @@ class PretrainDataset(torch.utils.data.Dataset):
             index = load_index(source)
             p = index.get("params", {})
             if p.get("dtype", "float16") != "float16":
-                raise VolumeError(f"{source}: a {p['dtype']} cache of an older version; re-run `python data.py prepare`")
+                raise VolumeError(f"{source}: a {p['dtype']} cache of an older version; re-run "
+                                  f"`python data.py prepare`")
             expected = prep_version()
             if index.get("version") != expected:
                 log.warning(f"{source}: made by preprocessing version {index.get('version')}, this code writes "

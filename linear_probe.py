@@ -106,7 +106,7 @@ select_metric = "accuracy"  # "accuracy" (reference: top-1 on validation) or "au
 device = "cuda" if torch.cuda.is_available() else "cpu"
 threads = 0  # torch CPU threads for the feature pass; 0 = torch's default (the classifiers always use 1 on CPU)
 # -----------------------------------------------------------------------------
-from configurator import ConfigError, check_out_dir, configure, peak_rss_mb  # noqa: E402
+from configurator import ConfigError, check_out_dir, configure, git_sha, peak_rss_mb  # noqa: E402
 
 config = configure(globals(), sys.argv[1:])
 check_out_dir(out_dir, False, overwrite, ("results.json", "log.jsonl", "classifiers.pt"), "")
@@ -406,7 +406,7 @@ lr_schedule = 0.5 * (1 + np.cos(np.pi * np.arange(max_iters) / max_iters))
 if device == "cpu":  # the classifier ops are ~0.1 ms: extra threads only add hand-offs (and stall under load)
     torch.set_num_threads(1)
 log = open(os.path.join(out_dir, "log.jsonl"), "w")
-log.write(json.dumps({"config": config}) + "\n")
+log.write(json.dumps({"config": config, "git_sha": git_sha()}) + "\n")
 runs, selected = [], []
 for r, (tr, va, te) in enumerate(run_splits):
     t0 = time.time()
@@ -501,11 +501,12 @@ def summarize(values):
 
 
 summary = {m: summarize([run[f"test_{m}"] for run in runs]) for m in ("auc", "f1", "accuracy")}
-results = {"config": config, "task": {"num_classes": num_classes, "class_names": list(class_names),
-                                      "n_cases": len(cases),
-                                      "class_counts": torch.bincount(labels, minlength=num_classes).tolist(),
-                                      "n_train": len(run_splits[0][0]), "n_val": len(run_splits[0][1]),
-                                      "n_test": len(run_splits[0][2])},
+results = {"config": config, "git_sha": git_sha(),
+           "task": {"num_classes": num_classes, "class_names": list(class_names),
+                    "n_cases": len(cases),
+                    "class_counts": torch.bincount(labels, minlength=num_classes).tolist(),
+                    "n_train": len(run_splits[0][0]), "n_val": len(run_splits[0][1]),
+                    "n_test": len(run_splits[0][2])},
            "backbone": {"pretrained": pretrained, "random_init": bool(random_init or not pretrained),
                         "args": backbone.args},
            "heads": heads_desc, "feature_dims": dims, "feature_seconds": feature_seconds,
