@@ -436,6 +436,7 @@ if master_process:
 
     pbar = tqdm(total=max_iters, initial=start_step, dynamic_ncols=True, desc="pretrain")
 t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
+loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # dino, ibot, koleo summed since the last log row
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
 MONITORS = ("dino_target_entropy", "dino_marginal_entropy", "ibot_target_entropy", "teacher_cls_std",
@@ -506,6 +507,7 @@ for it in range(start_step, max_iters):
         torch._foreach_mul_(teacher_params, mom_now)
         torch._foreach_add_(teacher_params, student_params, alpha=1 - mom_now)
     n_since += 1
+    loss_sum += torch.stack([terms["dino_loss"], terms["ibot_loss"], terms["koleo_loss"]]).detach().double()
 
     # logging, checkpoints, exports
     step = it + 1
@@ -518,8 +520,9 @@ for it in range(start_step, max_iters):
                   for b in raw_student.backbone.blocks]
         mon["layerscale_gamma"] = float(torch.stack(gammas).mean())
         mon = {k: mon.get(k, float("nan")) for k in MONITORS}  # the same keys on every rank
-        vals = torch.tensor([float(terms["dino_loss"]), float(terms["ibot_loss"]), float(terms["koleo_loss"])]
-                            + list(mon.values()), dtype=torch.float64, device=device)
+        # the losses of a row are means over the steps since the previous row (one step's DINO loss is noisy:
+        # +-0.05 ln K at the demo's batch of 16); the monitors are this step's
+        vals = torch.cat([loss_sum / n_since, torch.tensor(list(mon.values()), dtype=torch.float64, device=device)])
         if ddp:
             dist.all_reduce(vals, op=dist.ReduceOp.AVG)
         mon = dict(zip(MONITORS, vals[3:].tolist()))
@@ -547,6 +550,7 @@ for it in range(start_step, max_iters):
                 warned = True
                 pbar.write(f"WARNING step {step}: {collapse} collapse: {metrics.COLLAPSE_ADVICE[collapse]}")
         t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
+        loss_sum.zero_()
     if master_process:
         pbar.update(1)
         if step % ckpt_interval == 0 or step == max_iters:
