@@ -337,18 +337,19 @@ COLLAPSE_ADVICE = {  # the knobs in the order they mattered in experiments/READM
 }
 
 
-def pretrain_summary(rows: list[dict], n_prototypes: int, p_mask: float) -> str:
+def pretrain_summary(rows: list[dict], n_prototypes: int, p_mask: float, ibot_prototypes: int | None = None) -> str:
     """One line on what a pretraining run's losses say, from its logged rows (log.jsonl, in order): the DINO and
     iBOT losses at the first row and over the last 10% of rows (at least one), against their no-information
-    values ln K and p_mask·ln K. Below 0.8 ln K the run has left the uniform fixed point (experiments/README.md)."""
+    values ln K and p_mask·ln K_ibot. Below 0.8 ln K the run has left the uniform fixed point (experiments/README.md)."""
     rows = [r for r in rows if "dino_loss" in r]
     if not rows:
         return "pretraining: no logged step"
     ln_k, tail = math.log(n_prototypes), rows[-max(1, len(rows) // 10):]
+    ibot_floor = p_mask * math.log(ibot_prototypes or n_prototypes)
     dino, ibot = (sum(r[k] for r in tail) / len(tail) for k in ("dino_loss", "ibot_loss"))
     verdict = ("left the uniform fixed point (<= 0.8 ln K)" if dino <= 0.8 * ln_k else
                "still near the uniform fixed point (ln K)" if dino >= 0.95 * ln_k else
                "below ln K but above the 0.8 ln K criterion: leaving it slowly")
     return (f"pretraining: DINO loss {rows[0]['dino_loss']:.3f} -> {dino:.3f} = {dino / ln_k:.3f} ln K over the last "
             f"{len(tail)} of {len(rows)} log rows: {verdict}; iBOT {rows[0]['ibot_loss']:.3f} -> {ibot:.3f} = "
-            f"{ibot / (p_mask * ln_k):.2f} x its no-information value {p_mask:g} ln K")
+            f"{ibot / ibot_floor:.2f} x its no-information value {p_mask:g} ln K")

@@ -70,7 +70,8 @@ patch_size = 16
 drop_path_rate = 0.3  # student only, the same in every block (drop_path_uniform)
 layerscale_init = 1e-5
 grad_checkpointing = False  # recompute block activations in backward: less memory, ~30% more compute
-head_n_prototypes = 65536  # K of both the DINO and the (separate) iBOT head
+head_n_prototypes = 65536  # K of the DINO head ...
+ibot_head_n_prototypes = None  # ... and of the (separate) iBOT head; None = the same K (the reference)
 head_hidden_dim = 2048
 head_bottleneck_dim = 256
 head_nlayers = 3
@@ -207,6 +208,7 @@ def make_loader(start_step):
 
 # -----------------------------------------------------------------------------
 # student and teacher: backbone + separate DINO and iBOT heads
+ibot_k = ibot_head_n_prototypes or head_n_prototypes
 
 
 def build_backbone(drop_path):
@@ -226,7 +228,7 @@ class MultiCropModel(nn.Module):
         E = backbone.embed_dim
         self.backbone = backbone
         self.dino_head = model.DINOHead(E, head_n_prototypes, head_hidden_dim, head_bottleneck_dim, head_nlayers)
-        self.ibot_head = model.DINOHead(E, head_n_prototypes, head_hidden_dim, head_bottleneck_dim, head_nlayers)
+        self.ibot_head = model.DINOHead(E, ibot_k, head_hidden_dim, head_bottleneck_dim, head_nlayers)
 
     def forward(self, global_crops, local_crops, masks, mask_indices):
         # multi-crop: the 2b masked global crops and the n_local*b local crops through the same blocks
@@ -308,11 +310,11 @@ def save_atomic(obj, path):
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 start_step = 0
 centers = {"dino": torch.zeros(1, head_n_prototypes, device=device),
-           "ibot": torch.zeros(1, 1, head_n_prototypes, device=device)}
+           "ibot": torch.zeros(1, 1, ibot_k, device=device)}
 if resume:
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
     shape_keys = ("arch", "embed_dim", "depth", "num_heads", "patch_size", "global_crops_size", "head_n_prototypes",
-                  "head_hidden_dim", "head_bottleneck_dim", "head_nlayers")
+                  "ibot_head_n_prototypes", "head_hidden_dim", "head_bottleneck_dim", "head_nlayers")
     changed = [f"{k}: checkpoint {ckpt['config'][k]!r}, now {config[k]!r}" for k in shape_keys
                if k in config and k in ckpt.get("config", {}) and ckpt["config"][k] != config[k]]
     if changed:
@@ -564,7 +566,7 @@ if master_process:
     pbar.close()
     print(f"done: {max_iters} steps; checkpoint {ckpt_path}, teacher export {os.path.join(out_dir, 'teacher_backbone.pt')}")
     print(metrics.pretrain_summary([json.loads(line) for line in open(log_path)], head_n_prototypes,
-                                   mask_sample_probability))
+                                   mask_sample_probability, ibot_k))
     if visualize_at_end:
         import visualize
 

@@ -29,13 +29,14 @@ def summary(run, window=None):
     cfg, rows = read(run)
     s = {"run": run.rstrip("/"), "steps": rows[-1]["step"] if rows else 0, "K": cfg["head_n_prototypes"]}
     ln_k, p_mask = math.log(cfg["head_n_prototypes"]), cfg["mask_sample_probability"]
+    ln_k_ibot = math.log(cfg.get("ibot_head_n_prototypes") or cfg["head_n_prototypes"])
 
     def means(rr, tag):
         if not rr:
             return
         m = {k: sum(r.get(k, float("nan")) for r in rr) / len(rr) for k in CURVE_KEYS}
         s[f"dino/lnK{tag}"] = m["dino_loss"] / ln_k
-        s[f"ibot/(p lnK){tag}"] = m["ibot_loss"] / (p_mask * ln_k)
+        s[f"ibot/(p lnK){tag}"] = m["ibot_loss"] / (p_mask * ln_k_ibot)
         s[f"H/lnK{tag}"] = m["dino_target_entropy"] / ln_k
         s[f"spread{tag}"] = m["teacher_logit_spread"]
         if not tag:

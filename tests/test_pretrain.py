@@ -185,7 +185,10 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
 def test_collapse_monitors_logged_and_uniform_collapse_warned(tmp_path):
     # LayerScale 1e-5 and a teacher that barely moves: the DINO targets are uniform from the first step (the
     # fixed point every short run of the paper's settings sits at); after warm-up the run must say so, once
-    res, out = run(tmp_path, max_iters=6, warmup_iters=2)
+    res, out = run(tmp_path, max_iters=6, warmup_iters=2, ibot_head_n_prototypes=32)  # (a K of iBOT's own)
+    student = torch.load(out / "ckpt.pt", weights_only=True)["student"]
+    assert student["dino_head.last_layer.weight_v"].shape[0] == 64
+    assert student["ibot_head.last_layer.weight_v"].shape[0] == 32
     rows = [json.loads(l) for l in open(out / "log.jsonl") if '"step"' in l]
     names = ("dino_target_entropy", "ibot_target_entropy", "teacher_cls_std", "cls_effective_rank",
              "teacher_logit_spread", "dino_kl", "ibot_kl", "layerscale_gamma")
