@@ -58,18 +58,20 @@ def patch_targets(labels: torch.Tensor, patch: int, n_classes: int) -> torch.Ten
 def fit_decoder(X: torch.Tensor, T: torch.Tensor, iters: int = 300, lr: float = 1e-2, seed: int = 0):
     """Linear softmax decoder on (rows, D) features to soft targets (rows, C), class-balanced."""
     g = torch.Generator().manual_seed(seed)
-    W = (0.01 * torch.randn(X.shape[1], T.shape[1], generator=g)).requires_grad_()
+    # W is kept as (C, D) for F.linear: its gradient is then G^T X, which CPU BLAS does ~6x faster than the X^T G
+    # that `X @ W` with a (D, C) W asks for (a third of the demo's evaluation time)
+    W = (0.01 * torch.randn(X.shape[1], T.shape[1], generator=g)).t().contiguous().requires_grad_()
     b = torch.zeros(T.shape[1], requires_grad=True)
     weight = 1.0 / T.mean(0).clamp_min(1e-4)  # inverse class frequency
     weight = weight / (weight * T.mean(0)).sum()  # the weighted mean target mass is 1
     opt = torch.optim.Adam([W, b], lr=lr)
     for _ in range(iters):
         opt.zero_grad(set_to_none=True)
-        logp = F.log_softmax(X @ W + b, dim=-1)
+        logp = F.log_softmax(F.linear(X, W, b), dim=-1)
         loss = -(T * weight * logp).sum(-1).mean()
         loss.backward()
         opt.step()
-    return W.detach(), b.detach()
+    return W.detach().t(), b.detach()
 
 
 def evaluate_backbone(vit, train, test, n_classes, seed):

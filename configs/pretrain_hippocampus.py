@@ -14,8 +14,8 @@ n_local_crops = 4
 min_axis_size = 16  # the smallest cases have a 24-voxel axis (the reference's strict > 24 would drop them)
 layerscale_init = 0.1
 drop_path_rate = 0.0
-head_n_prototypes = 32  # = the global crops per Sinkhorn-Knopp batch, as the demo [T5]; the label-efficiency table
-# in the README used 256 and teacher temperature 0.005 (arm H1); this recipe is arm H2
+head_n_prototypes = 32  # the demo's recipe [T5, T7]; the README's label-efficiency table used K 256 for both heads
+ibot_head_n_prototypes = 256  # and teacher temperature 0.005 (arm H1); this recipe is arm H2
 head_hidden_dim = 512
 head_bottleneck_dim = 128
 teacher_temp = 0.0025
