@@ -344,11 +344,11 @@ if ddp:
 def flops_per_image():
     """Matmul FLOPs of one image's training step: the student's forward and backward (3× forward) over 2 global
     and n_local local crops, its heads on the CLS tokens and the masked patch tokens, and the teacher's forward."""
-    bb, head = raw_student.backbone, raw_student.dino_head.flops()
+    bb, dino, ibot = raw_student.backbone, raw_student.dino_head.flops(), raw_student.ibot_head.flops()
     tg, tl = (global_crops_size // patch_size) ** 3 + 1, (local_crops_size // patch_size) ** 3 + 1
     n_masked = 2 * (tg - 1) * mask_sample_probability * sum(mask_ratio_min_max) / 2  # expected per image
-    student = 3 * (2 * bb.flops(tg) + n_local_crops * bb.flops(tl) + (2 + n_local_crops + n_masked) * head)
-    return student + 2 * bb.flops(tg) + (2 + n_masked) * head
+    student = 3 * (2 * bb.flops(tg) + n_local_crops * bb.flops(tl) + (2 + n_local_crops) * dino + n_masked * ibot)
+    return student + 2 * bb.flops(tg) + 2 * dino + n_masked * ibot
 
 
 def log_line(d):
