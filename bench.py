@@ -274,7 +274,7 @@ def compile_msda(archs, dtypes):
     for arch in archs:
         for dt in dtypes:
             for case, (qs, vs) in MSDA_CASES.items():
-                launches = msda_triton.planned_launches(qs, vs, 8, 32, 4, getattr(torch, dt), msda_triton.GPU_SMS[arch])
+                launches = msda_triton.planned_launches(qs, vs, 8, 32, 4, getattr(torch, dt))
                 for kernel, grid, args, meta in launches:
                     spec = tuple(str(a.dtype) if isinstance(a, torch.Tensor) else (a == 1, a % 16 == 0) for a in args)
                     key = (kernel.__name__, arch, dt, spec, tuple(sorted((k, str(v)) for k, v in meta.items())))
