@@ -51,9 +51,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from tqdm import tqdm
 
 from configurator import ConfigError
-from model import DropPath, ViT3D
+from model import CheckpointError, DropPath, ViT3D, load_checkpoint
 from msda_triton import msda
 
 # -----------------------------------------------------------------------------
@@ -636,6 +637,43 @@ def build_segmenter(head: str, vit: ViT3D, in_chans: int, num_classes: int, **kw
     return SEGMENTERS[head](vit, in_chans, num_classes, **kw)
 
 
+# what finetune_seg.py stores under "segmenter" in best.pt: the segmenter's constructor arguments and the
+# preprocessing / inference settings of its run, so that segment.py needs nothing but that file
+SEGMENTER_KEYS = ("vit_args", "head", "head_kw", "in_chans", "n_out", "regions", "num_classes", "class_names",
+                  "crop_size", "target_spacing", "ct_window", "crop_foreground", "blend", "test_overlap",
+                  "sw_batch_size")
+
+
+def segmenter_from_checkpoint(path_or_dict) -> tuple[nn.Module, dict]:
+    """finetune_seg.py's best.pt (path or loaded dict) -> (segmenter in eval mode with its weights, meta).
+
+    meta is best.pt's "segmenter" entry (SEGMENTER_KEYS): ViT3D(**vit_args) and build_segmenter(head, vit,
+    in_chans, n_out, **head_kw) rebuild the network without the pretrained checkpoint it started from; the rest
+    says how a scan is prepared (data.prepare_case) and windowed (sliding_window_inference). Read with
+    weights_only=True. Raises CheckpointError for any other file, and for a best.pt of an older run that lacks
+    those entries (it names them)."""
+    what = str(path_or_dict) if not isinstance(path_or_dict, dict) else "checkpoint"
+    obj = path_or_dict if isinstance(path_or_dict, dict) else load_checkpoint(path_or_dict)
+    if "optimizer" in obj and "best_val" in obj:
+        raise CheckpointError(f"{what}: finetune_seg.py's resumable ckpt.pt; use best.pt from the same folder")
+    if not isinstance(obj.get("model"), dict) or "val_dice" not in obj:
+        raise CheckpointError(f"{what}: not a segmentation checkpoint (finetune_seg.py's best.pt; a pretraining "
+                              f"checkpoint holds a backbone only); its keys: {sorted(obj)[:8]}")
+    meta = obj.get("segmenter") if isinstance(obj.get("segmenter"), dict) else {}
+    missing = [k for k in SEGMENTER_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{what}: a best.pt without the settings that rebuild the segmenter (missing "
+                              f"{missing}); it comes from an older finetune_seg.py: re-run finetune_seg.py with "
+                              "the config stored in it (its \"config\" entry) for a self-contained best.pt")
+    net = build_segmenter(meta["head"], ViT3D(**meta["vit_args"]), meta["in_chans"], meta["n_out"],
+                          **meta["head_kw"])
+    try:
+        net.load_state_dict(obj["model"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{what}: the weights do not fit the segmenter its settings describe ({e})") from None
+    return net.eval(), meta
+
+
 # -----------------------------------------------------------------------------
 # sliding-window inference over a whole volume (MONAI semantics): finetune_seg.py's validation and test
 
@@ -665,7 +703,7 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
 
 @torch.no_grad()
 def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: str = "constant",
-                             sw_batch_size: int = 1, pad_value: float = 0.0) -> torch.Tensor:
+                             sw_batch_size: int = 1, pad_value: float = 0.0, progress=False) -> torch.Tensor:
     """y = Σ_windows w·predictor(window) / Σ_windows w over a volume batch x (B, C, H, W, D) -> (B, K, H, W, D).
 
     roi: window size (int for a cube, or 3 ints); overlap in [0, 1): fraction shared by neighbouring windows
@@ -673,6 +711,9 @@ def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: st
     sw_batch_size windows go through `predictor` at once. An axis shorter than roi is padded at its end with
     pad_value and the padding cropped from the output. The output is accumulated in float32 on x's device.
     For a translation-equivariant predictor the result equals predictor(x) whatever roi/overlap/blend.
+    progress: True shows a tqdm bar of the windows (nested under a bar over cases, removed when done); a
+    callable is called as progress(windows done, windows in all) after every batch of windows. A large scan
+    at overlap 0.75 is hundreds of windows: minutes on a CPU, with no other sign of life.
     """
     roi = (roi,) * 3 if isinstance(roi, int) else tuple(int(r) for r in roi)
     if not 0 <= overlap < 1:
@@ -686,6 +727,7 @@ def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: st
     windows = [(h, w, d) for h in starts[0] for w in starts[1] for d in starts[2]]
     weight = importance_map(roi, blend, device=x.device)
     out, norm = None, torch.zeros(full, device=x.device)
+    bar = tqdm(total=len(windows), desc="windows", unit="window", leave=False, disable=progress is not True)
     for i in range(0, len(windows), sw_batch_size):
         chunk = windows[i:i + sw_batch_size]
         sl = [(slice(h, h + roi[0]), slice(w, w + roi[1]), slice(d, d + roi[2])) for h, w, d in chunk]
@@ -695,6 +737,10 @@ def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: st
         for j, s in enumerate(sl):
             out[(..., *s)] += y[j * B:(j + 1) * B] * weight
             norm[s] += weight
+        bar.update(len(chunk))
+        if callable(progress):
+            progress(i + len(chunk), len(windows))
+    bar.close()
     out /= norm
     return out[..., :size[0], :size[1], :size[2]]
 

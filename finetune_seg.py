@@ -24,7 +24,8 @@ One run:
        predictions as NIfTI in the geometry of the input file (opens over it in 3D Slicer / ITK-SNAP)
 
 Outputs in out_dir: log.jsonl (config + git SHA first), ckpt.pt (resumable, written at every evaluation),
-best.pt (weights with the best validation Dice), results.json, predictions/<case>.nii.gz.
+best.pt (weights with the best validation Dice, and all that segment.py needs to rebuild the segmenter and prepare
+a new scan as this run did: adapter.segmenter_from_checkpoint), results.json, predictions/<case>.nii.gz.
 
 Heads: `head` = "vit_adapter_unetr" (the paper's segmenter), "unetr" or "linear" (the paper's linear decoder), any
 of them with any config: of a config's `head_kwargs`, the options the chosen head's constructor does not take
@@ -461,7 +462,8 @@ def evaluate(cases, overlap, with_hd95=False, pred_dir=None, desc="validation"):
         case = get_case(cases[i])
         x = torch.from_numpy(case["image"])[None].to(device)  # (1, C, H, W, D)
         with autocast:
-            logits = adapter.sliding_window_inference(x, crop_size, raw_net, overlap, blend, sw_batch_size)
+            logits = adapter.sliding_window_inference(x, crop_size, raw_net, overlap, blend, sw_batch_size,
+                                                      progress=master_process)  # a bar of windows under the cases
         pred = predict(logits)[case["inner"]]  # padding cropped away
         row = {"case": case["name"], "index": i, "dice": None, "hd95": None, "prediction": None}
         if case["label"] is not None:
@@ -531,9 +533,14 @@ while True:
         loss_sum, n_loss = 0.0, 0
         if val_dice > best_val:
             best_val, best_iter = val_dice, iter_num
-            if master_process:
+            if master_process:  # self-contained: "segmenter" holds adapter.SEGMENTER_KEYS (segment.py reads them)
+                seg_meta = {"vit_args": raw_net.vit.args, "head": head, "head_kw": head_kw, "in_chans": in_chans,
+                            "n_out": n_out, "regions": regions, "num_classes": num_classes,
+                            "class_names": class_names, "crop_size": crop_size, "target_spacing": target_spacing,
+                            "ct_window": ct_window, "crop_foreground": crop_foreground, "blend": blend,
+                            "test_overlap": test_overlap, "sw_batch_size": sw_batch_size}
                 save_atomic({"model": raw_net.state_dict(), "iter_num": iter_num, "val_dice": val_dice,
-                             "config": config}, best_path)
+                             "config": config, "segmenter": seg_meta}, best_path)
         if master_process:
             save_checkpoint()
             log_line({"iter": iter_num, "val_dice": val_dice, "val_dice_per_class": per_class.tolist(),
