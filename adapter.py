@@ -712,8 +712,8 @@ def sliding_window_inference(x, roi, predictor, overlap: float = 0.25, blend: st
     pad_value and the padding cropped from the output. The output is accumulated in float32 on x's device.
     For a translation-equivariant predictor the result equals predictor(x) whatever roi/overlap/blend.
     progress: True shows a tqdm bar of the windows (nested under a bar over cases, removed when done); a
-    callable is called as progress(windows done, windows in all) after every batch of windows. A large scan
-    at overlap 0.75 is hundreds of windows: minutes on a CPU, with no other sign of life.
+    callable is called as progress(windows done, windows in all) after every batch of windows (a 144x160x144
+    scan at roi 112 and overlap 0.75 is 27 windows of a ViT-L segmenter: a quarter of an hour on a CPU).
     """
     roi = (roi,) * 3 if isinstance(roi, int) else tuple(int(r) for r in roi)
     if not 0 <= overlap < 1:

@@ -1,7 +1,7 @@
-"""segment.py and the self-contained best.pt: the segmenter rebuilt from best.pt alone (adapter.segmenter_from_checkpoint),
-the sliding window's progress report, segment.py's input errors, and, on a real tiny finetune_seg.py run, new scans in
-another orientation and spacing segmented on their own grid, after the pretrained backbone's folder was moved, with
-the test pass's exact predictions."""
+"""segment.py and the self-contained best.pt: the segmenter rebuilt from best.pt alone
+(adapter.segmenter_from_checkpoint), the sliding window's progress report, segment.py's input errors, and, on a real
+tiny finetune_seg.py run, new scans in another orientation and spacing segmented on their own grid, after the
+pretrained backbone's folder was moved, with the test pass's exact predictions."""
 import json
 import os
 import shutil
@@ -59,11 +59,13 @@ def _write(path, arr, affine):
 
 def test_sliding_window_reports_progress_without_changing_the_result():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GELU(), torch.nn.Conv3d(4, 2, 3, padding=1))
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GELU(),
+                              torch.nn.Conv3d(4, 2, 3, padding=1))
     x = torch.randn(1, 1, 23, 17, 30)
     calls = []
     plain = adapter.sliding_window_inference(x, 8, net, 0.5, "gaussian", 3)
-    with_cb = adapter.sliding_window_inference(x, 8, net, 0.5, "gaussian", 3, progress=lambda k, n: calls.append((k, n)))
+    with_cb = adapter.sliding_window_inference(x, 8, net, 0.5, "gaussian", 3,
+                                               progress=lambda k, n: calls.append((k, n)))
     with_bar = adapter.sliding_window_inference(x, 8, net, 0.5, "gaussian", 3, progress=True)
     assert torch.equal(plain, with_cb) and torch.equal(plain, with_bar)
     n = len(adapter.window_starts(23, 8, 0.5)) * len(adapter.window_starts(17, 8, 0.5)) * len(
@@ -86,7 +88,7 @@ def test_checkpoints_that_are_not_a_self_contained_best_pt_are_refused(tmp_path)
     obj = torch.load(tmp_path / "best.pt", weights_only=True)
     older = {k: v for k, v in obj.items() if k != "segmenter"}  # a best.pt of an older finetune_seg.py
     torch.save(older, tmp_path / "old_best.pt")
-    with pytest.raises(model.CheckpointError, match=r"old_best.pt: .*missing \['vit_args', 'head'.*re-run finetune_seg"):
+    with pytest.raises(model.CheckpointError, match=r"old_best.pt: .*missing \['vit_args', 'head'.*re-run finetune"):
         adapter.segmenter_from_checkpoint(str(tmp_path / "old_best.pt"))
     partial = {**obj, "segmenter": {k: v for k, v in obj["segmenter"].items() if k != "target_spacing"}}
     with pytest.raises(model.CheckpointError, match=r"missing \['target_spacing'\]"):
@@ -150,6 +152,24 @@ def test_segment_input_errors_come_first(tmp_path):
     pred = nib.load(out / "scan.nii.gz")
     assert pred.shape == (20, 22, 14) and np.allclose(pred.affine, affine) and pred.get_data_dtype() == np.uint8
     assert sorted(os.listdir(out)) == ["scan.nii.gz"]  # no temporary file left behind
+
+
+def test_multichannel_region_run_writes_one_mask_per_region(tmp_path):
+    # a BraTS-like segmenter (2 channels, 3 overlapping regions, sigmoid): a datalist's list of files is one case,
+    # named after its first file; the output is (X, Y, Z, R) on the first file's grid, in its orientation (LPS here)
+    regions = [[1, 3], [1, 2, 3], [3]]
+    _tiny_best(tmp_path / "best.pt", in_chans=2, n_out=3, regions=regions, num_classes=4, target_spacing=None)
+    affine = np.diag([-1.0, -1.2, 1.5, 1.0])
+    rng = np.random.default_rng(0)
+    for name in ("t1", "flair"):
+        _write(tmp_path / f"case7_{name}.nii.gz", rng.normal(size=(20, 22, 14)).astype(np.float32), affine)
+    (tmp_path / "dl.json").write_text(json.dumps({"validation": [{"image": ["case7_t1.nii.gz", "case7_flair.nii.gz"],
+                                                                  "label": "not_needed.nii.gz"}]}))
+    (out,) = segment.main(["--threads", "1", "--ckpt", str(tmp_path / "best.pt"), "--input", str(tmp_path / "dl.json"),
+                           "--out", str(tmp_path / "pred")])
+    pred = nib.load(out)
+    assert os.path.basename(out) == "case7_t1.nii.gz" and pred.shape == (20, 22, 14, 3)
+    assert np.allclose(pred.affine, affine) and set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
 
 
 def test_segment_error_is_one_line_on_the_command_line(tmp_path):
