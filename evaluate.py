@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import cache
 import metrics
 import model
-import phantoms
+from phantoms import SyntheticVolumes
 
 TASK = "phantom linear-decoder segmentation (liver, kidneys, lesion), frozen last-4-block patch tokens"
 METRIC = "mean foreground Dice per test volume"
@@ -92,7 +92,7 @@ def evaluate_backbone(vit, train, test, n_classes, seed):
 
 
 def phantoms(n: int, size: int, seed: int) -> dict:
-    vols = phantoms.SyntheticVolumes(n, (size,) * 3, seed=seed, with_labels=True)
+    vols = SyntheticVolumes(n, (size,) * 3, seed=seed, with_labels=True)
     items = [vols[i] for i in range(n)]
     return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
 
@@ -105,7 +105,7 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
     if seed is None:  # the pretraining run's seed, so the random twin is exactly its starting point
         seed = int(obj.get("config", {}).get("seed", 0))
     rand = model.random_init_like(obj, seed)  # the pretraining's step-0 backbone
-    n_classes = phantoms.SyntheticVolumes.num_classes
+    n_classes = SyntheticVolumes.num_classes
     train, test = phantoms(n_train, size, data_seed), phantoms(n_test, size, data_seed + 1)
     pre, pre_cls = evaluate_backbone(vit, train, test, n_classes, seed=0)
     ran, ran_cls = evaluate_backbone(rand, train, test, n_classes, seed=0)
@@ -115,7 +115,7 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
            "diff": mean, "diff_ci": [lo, hi], "p_wilcoxon": metrics.wilcoxon(pre, ran),
            "per_class": {name: {"pretrained": float(np.nanmean(pre_cls[:, i])),
                                 "random": float(np.nanmean(ran_cls[:, i]))}
-                         for i, name in enumerate(phantoms.SyntheticVolumes.class_names[1:])},
+                         for i, name in enumerate(SyntheticVolumes.class_names[1:])},
            "n_train": n_train, "n_test": n_test, "size": size, "data_seed": data_seed, "init_seed": seed,
            "checkpoint": ckpt, "seconds": round(time.perf_counter() - t0, 1)}
     if out:
