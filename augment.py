@@ -6,8 +6,8 @@ RandomResizedCrop3d (RRC3D) followed by random flips/rot90s and MONAI-1.3 intens
 masks of the global crops. The reference runs all of this per sample inside 32 DataLoader workers (MONAI, one
 volume and one crop at a time). Here the work is split in two:
 
-    worker (data.py)                      training process (this file, on the training device)
-    ----------------                      ------------------------------------------------------
+    worker (cache.py)                     training process (this file, on the training device)
+    -----------------                     ------------------------------------------------------
     box = sample_crop_box(shape, ...)     crops -> device -> resize_crops  (B, 1, S, S, S)
     read only that box from the cache     run_plan(crops, plan_global_view_1(B, g)), ... (batched)
                                           make_masks  ->  make_views returns the collated dict
@@ -639,7 +639,7 @@ def make_views(
     mask_ratio_min_max: tuple[float, float] = (0.2, 0.75),
     mask_probability: float = 0.5,
 ) -> dict:
-    """Turn raw crop regions from `data.collate_pretrain` into the training batch (no fp16 cast).
+    """Turn raw crop regions from `cache.collate_pretrain` into the training batch (no fp16 cast).
 
     batch: {"global_crops": [view-0 list of B (C, h, w, d) tensors, view-1 list], "local_crops": n_local lists of
     B tensors, "index": (B,)}. The crops are moved to `device` first, then resized to cubes (`resize_crops`) and

@@ -74,6 +74,8 @@ def bench_augment(args, rest):
 
     import augment
     import data
+    from cache import PretrainDataset, collate_pretrain, load_index, prepare
+    from phantoms import SyntheticVolumes
 
     kept = augment.keep_freed_memory()  # as pretrain.py does; both pipelines below run under it
     S, s, P, n_local = 96, 48, 16, 8  # the paper's global/local crop sizes, patch size, local crops per sample
@@ -85,15 +87,15 @@ def bench_augment(args, rest):
     tmp = tempfile.TemporaryDirectory()
     path = args.image
     if path is None:
-        vol = data.SyntheticVolumes(1, (256, 256, 128), seed=0)[0]["image"][0].numpy()  # (H, W, D) in [-1, 1]
+        vol = SyntheticVolumes(1, (256, 256, 128), seed=0)[0]["image"][0].numpy()  # (H, W, D) in [-1, 1]
         path = os.path.join(tmp.name, "synthetic.nii.gz")
         # int16 "HU-like" values, as most CT files are stored (float32 noise would make gzip slower than reality)
         nib.save(nib.Nifti1Image(np.rint(vol * 1000).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1.0])), path)
     cache = os.path.join(tmp.name, "cache")
-    data.prepare([path], cache, workers=1, progress=False)
-    entry = data.load_index(cache)["entries"][0]
+    prepare([path], cache, workers=1, progress=False)
+    entry = load_index(cache)["entries"][0]
     npy = os.path.join(cache, entry["file"])
-    ds = data.PretrainDataset(cache, global_crops_size=S, local_crops_size=s, n_local=n_local, seed=0)
+    ds = PretrainDataset(cache, global_crops_size=S, local_crops_size=s, n_local=n_local, seed=0)
     print(f"volume {path}: file shape {list(data.load_volume(path)[0].shape[1:])}, prepared (foreground crop) "
           f"{entry['shape']}, batch {B}, threads {torch.get_num_threads()}, malloc keeps freed memory: {kept}")
 
@@ -109,7 +111,7 @@ def bench_augment(args, rest):
 
     # --------------------------------------------------------------------------------------- batched pipeline
     def batch_of_crops():
-        return data.collate_pretrain([ds[next(ks)] for _ in range(B)])
+        return collate_pretrain([ds[next(ks)] for _ in range(B)])
 
     res = {}
     for dev in devices:

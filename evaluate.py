@@ -6,7 +6,7 @@ never saw.
     python evaluate.py out/demo/teacher_backbone.pt            # phantoms; writes out/demo/eval.json
     python evaluate.py out/demo/teacher_backbone.pt --n_test=64 --out=out/demo/eval_big.json
 
-Task: linear-decoder segmentation of held-out phantoms (data.SyntheticVolumes with a seed the pretraining never
+Task: linear-decoder segmentation of held-out phantoms (phantoms.SyntheticVolumes with a seed the pretraining never
 used; classes liver, kidneys, lesion), the paper's linear decoder (Fig. 2g) in miniature:
   1. each volume (64^3, the pretraining crops' voxel scale) -> the frozen ViT -> patch tokens of the last 4 blocks,
      concatenated (4E per 8^3 patch), standardised with the training volumes' statistics;
@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import data
+import cache
 import metrics
 import model
+from phantoms import SyntheticVolumes
 
 TASK = "phantom linear-decoder segmentation (liver, kidneys, lesion), frozen last-4-block patch tokens"
 METRIC = "mean foreground Dice per test volume"
@@ -91,7 +92,7 @@ def evaluate_backbone(vit, train, test, n_classes, seed):
 
 
 def phantoms(n: int, size: int, seed: int) -> dict:
-    vols = data.SyntheticVolumes(n, (size,) * 3, seed=seed, with_labels=True)
+    vols = SyntheticVolumes(n, (size,) * 3, seed=seed, with_labels=True)
     items = [vols[i] for i in range(n)]
     return {"image": torch.stack([it["image"] for it in items]), "label": torch.stack([it["label"] for it in items])}
 
@@ -104,7 +105,7 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
     if seed is None:  # the pretraining run's seed, so the random twin is exactly its starting point
         seed = int(obj.get("config", {}).get("seed", 0))
     rand = model.random_init_like(obj, seed)  # the pretraining's step-0 backbone
-    n_classes = data.SyntheticVolumes.num_classes
+    n_classes = SyntheticVolumes.num_classes
     train, test = phantoms(n_train, size, data_seed), phantoms(n_test, size, data_seed + 1)
     pre, pre_cls = evaluate_backbone(vit, train, test, n_classes, seed=0)
     ran, ran_cls = evaluate_backbone(rand, train, test, n_classes, seed=0)
@@ -114,11 +115,11 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
            "diff": mean, "diff_ci": [lo, hi], "p_wilcoxon": metrics.wilcoxon(pre, ran),
            "per_class": {name: {"pretrained": float(np.nanmean(pre_cls[:, i])),
                                 "random": float(np.nanmean(ran_cls[:, i]))}
-                         for i, name in enumerate(data.SyntheticVolumes.class_names[1:])},
+                         for i, name in enumerate(SyntheticVolumes.class_names[1:])},
            "n_train": n_train, "n_test": n_test, "size": size, "data_seed": data_seed, "init_seed": seed,
            "checkpoint": ckpt, "seconds": round(time.perf_counter() - t0, 1)}
     if out:
-        data._atomic_write(Path(out), lambda f: f.write(json.dumps(res, indent=1).encode()))
+        cache._atomic_write(Path(out), lambda f: f.write(json.dumps(res, indent=1).encode()))
     return res
 
 

@@ -64,10 +64,12 @@ from tqdm import tqdm
 
 import adapter
 import augment
+import cache
 import data
 import losses
 import metrics
 import model
+import phantoms
 from configurator import ConfigError, check_out_dir, configure, git_sha, peak_rss_mb
 
 # -----------------------------------------------------------------------------
@@ -290,12 +292,12 @@ class TrainCrops(torch.utils.data.Dataset):
 if datalist:
     dl = data.read_datalist(datalist)
 else:
-    if num_classes != data.SyntheticVolumes.num_classes or in_chans != 1:
-        raise ConfigError(f"synthetic phantoms have {data.SyntheticVolumes.num_classes} classes and 1 channel; "
+    if num_classes != phantoms.SyntheticVolumes.num_classes or in_chans != 1:
+        raise ConfigError(f"synthetic phantoms have {phantoms.SyntheticVolumes.num_classes} classes and 1 channel; "
                           f"the config says num_classes={num_classes}, in_chans={in_chans}")
     dl = {}
     for s, (split, n) in enumerate(zip(data.SPLITS, synthetic_cases)):  # a different phantom seed per split
-        vols = data.SyntheticVolumes(n, synthetic_shape, seed=1000 * split_seed + s, with_labels=True)
+        vols = phantoms.SyntheticVolumes(n, synthetic_shape, seed=1000 * split_seed + s, with_labels=True)
         dl[split] = [{"name": f"synthetic_{split}_{i:03d}", "image": vols[i]["image"].numpy(),
                       "label": vols[i]["label"].numpy()} for i in range(n)]
 if not dl["training"]:
@@ -510,7 +512,7 @@ if master_process and start_iter == 0:
 # training loop: validate at 0, every eval_interval and at the end; then train one step
 # sample counters k = iter_num·batch_size, ...: a resumed run reads the crops an uninterrupted one would have read
 loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, num_workers=num_workers,
-                                     sampler=data.StepSampler(iter_num * batch_size),
+                                     sampler=cache.StepSampler(iter_num * batch_size),
                                      pin_memory=device_type == "cuda")
 batches = iter(loader)
 pbar = None

@@ -60,6 +60,7 @@ import augment
 import data
 import metrics
 import model
+from phantoms import SyntheticVolumes
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's linear-probing run (reference README: 100 epochs x 125 it, batch 32)
@@ -156,7 +157,7 @@ if datalist:
     listed = [np.arange(len(dl["training"])), len(dl["training"]) + np.arange(len(dl["validation"])),
               len(dl["training"]) + len(dl["validation"]) + np.arange(len(dl["test"]))]
 else:  # the synthetic task: lesions (label_cls 1) or not, a small structure a global feature must notice
-    phantoms = data.SyntheticVolumes(sum(synthetic_n), (synthetic_size,) * 3, seed=seed)
+    phantoms = SyntheticVolumes(sum(synthetic_n), (synthetic_size,) * 3, seed=seed)
     cases = []
     for i in tqdm(range(len(phantoms)), desc="phantoms"):
         p = phantoms[i]

@@ -40,7 +40,7 @@ import augment
 import losses
 import metrics
 import model
-from data import PretrainDataset, StepSampler, collate_pretrain
+from cache import PretrainDataset, StepSampler, collate_pretrain, open_cache
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's standard (stage-1) pretraining run
@@ -56,7 +56,7 @@ visualize_at_end = False  # write a PCA/attention montage of one volume with the
 eval_at_end = False  # evaluate.py: the final teacher vs its random init on held-out labelled phantoms -> eval.json
 seed = 0
 # data
-data_path = ""  # a prepared cache folder, a datalist JSON, a folder or glob of volumes; "" = synthetic phantoms
+data_path = ""  # a cache folder written by `python cache.py prepare`; "" = synthetic phantoms
 num_workers = 4  # DataLoader workers per rank (they only read crop regions; augmentation runs on the device)
 min_axis_size = 24  # drop volumes whose smallest axis is <= this (reference: data_min_axis_size)
 batches_from = None  # a .pt list of stored make_views outputs, one per micro-step (tests: the reference trajectory),
@@ -189,6 +189,8 @@ last_layer_lr_schedule[:freeze_last_layer_iters] = 0  # the heads' last layer is
 
 # -----------------------------------------------------------------------------
 # data: workers read crop regions only; resizing, augmentation and masks run batched on the device
+if data_path:
+    open_cache(data_path)  # a datalist, folder or stale cache is refused here, with the command to run
 
 
 def make_loader(start_step):

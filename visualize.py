@@ -41,7 +41,6 @@ flattened in C order. The NIfTI outputs are turned back to the file's own axis o
 """
 import argparse
 import contextlib
-import json
 import os
 import struct
 import zlib
@@ -52,8 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import cache
 import data
 import model as vit_model
+import phantoms
 
 # -----------------------------------------------------------------------------
 # PNG encoder: the few bytes a PNG needs, written by hand so no plotting/imaging package is required
@@ -387,21 +388,6 @@ def montage(image: np.ndarray, rgb: np.ndarray, attn_map: np.ndarray, spacing=(1
 # files: read one volume, write the maps on the file's own grid
 
 
-def file_grid(path, canonical_affine: np.ndarray, canonical_shape) -> tuple[np.ndarray, np.ndarray]:
-    """(back, affine): the orientation transform from data.load_volume's RAS+ arrays back to the file's own axis
-    order (None for .npy, which is not reoriented) and the file's affine. Writing `nib.apply_orientation(a, back)`
-    with that affine gives a volume with exactly the input file's shape and affine (checked here)."""
-    if str(path).lower().endswith(".npy"):
-        return None, canonical_affine
-    img = nib.load(str(path))
-    ornt = nib.io_orientation(img.affine)  # file axes -> RAS+, what load_volume applied
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    affine = canonical_affine @ nib.orientations.inv_ornt_aff(back, canonical_shape)
-    if not np.allclose(affine, img.affine, atol=1e-4):  # would mean load_volume changed its reorientation
-        raise RuntimeError(f"{path}: cannot map the RAS+ grid back to the file's grid")
-    return back, img.affine
-
-
 def save_nifti(path, arr: np.ndarray, affine: np.ndarray, back=None, vector: bool = False) -> str:
     """arr (H, W, D, ...) on the RAS+ grid -> NIfTI on the file's grid. vector: (H, W, D, K) is stored as
     (X, Y, Z, 1, K) with intent "vector", ITK's layout for multi-component voxels (3 x uint8 shows as colour)."""
@@ -435,7 +421,7 @@ def run(ckpt, image, out_dir, head: int = -1, window: int = 0, resize: int = 0, 
         raise ValueError(f"--head {head}: the model has {model.num_heads} heads (-1 = mean)")
     res = analyse(model, img, crop, resize, window, fg_threshold, device)
 
-    back, file_affine = file_grid(image, affine, img.shape)
+    back, file_affine = data.file_grid(image, affine, img.shape)
     files = {
         "image": save_nifti(out_dir / "image.nii.gz", img, file_affine, back),
         "pca_rgb": save_nifti(out_dir / "pca_rgb.nii.gz", res["rgb"], file_affine, back, vector=True),
@@ -460,9 +446,8 @@ def first_volume(source) -> str:
     source = str(source)
     if os.path.isfile(source) and not source.lower().endswith(".json"):
         return source
-    index = Path(source) / "index.json"
-    if index.is_file():
-        entries = json.loads(index.read_text())["entries"]
+    if cache.is_cache(source):
+        entries = cache.load_index(source)["entries"]
         if entries:
             return str(Path(source) / entries[0]["file"])
     items = data.pretrain_sources(source)
@@ -479,7 +464,7 @@ def demo_montage(ckpt_path, data_source, out_dir) -> str:
     if data_source:
         image = first_volume(data_source)
     else:
-        phantom = data.SyntheticVolumes(1, (64, 64, 64), seed=0)[0]["image"][0].numpy()  # (H, W, D)
+        phantom = phantoms.SyntheticVolumes(1, (64, 64, 64), seed=0)[0]["image"][0].numpy()  # (H, W, D)
         image = str(vis_dir / "input.nii.gz")
         nib.save(nib.Nifti1Image(phantom, np.eye(4)), image)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,10 +1,10 @@
-# CPU demo: ~6 minutes on a 2-core laptop, synthetic phantoms (data.SyntheticVolumes), no files needed; it ends by
+# CPU demo: ~6 minutes on a 2-core laptop, synthetic phantoms (phantoms.SyntheticVolumes), no files needed; it ends by
 # testing the teacher against its own random init on held-out labelled phantoms (evaluate.py -> eval.json).
 # A small ViT with patch 8 on 48^3 / 24^3 crops keeps the paper's 216 / 27 tokens per global / local crop.
 # Every departure from the paper's settings below is what made a run this short leave the uniform fixed point;
 # the runs behind each are in experiments/README.md (arm names in brackets).
 out_dir = "out/demo"
-data_path = ""  # synthetic phantoms; point it at a prepared cache (python data.py prepare ...) for real volumes
+data_path = ""  # synthetic phantoms; point it at a prepared cache (python cache.py prepare ...) for real volumes
 embed_dim = 192  # ViT-Tiny width ...
 depth = 4  # ... but 4 blocks (divisible by 4, so adapter.py's ViT-Adapter can wrap it)
 num_heads = 3

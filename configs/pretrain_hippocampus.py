@@ -2,7 +2,7 @@
 # experiment (experiments/label_efficiency.py). The demo's ViT and recipe (configs/pretrain_demo.py, whose comments
 # give the runs behind each departure from the paper's settings) on real MRI crops, except K, the teacher
 # temperature and the batch, chosen on these images (arms H1-H8, experiments/README.md). ~34 CPU-minutes.
-# python data.py prepare --datalist <training images> --out out/label_efficiency/cache   (the experiment does this)
+# python cache.py prepare --datalist <training images> --out out/label_efficiency/cache   (the experiment does this)
 out_dir = "out/label_efficiency/pretrain"
 data_path = "out/label_efficiency/cache"
 embed_dim = 192

@@ -2,7 +2,7 @@
 # on 4 x A100-80GB (128 per GPU), about 10 days. These are also pretrain.py's defaults; spelled out for reference.
 # torchrun --standalone --nproc_per_node=4 pretrain.py configs/pretrain_vitl.py --data_path=cache/
 out_dir = "out/vitl"
-data_path = "cache/"  # a folder prepared by `python data.py prepare --datalist list.json --out cache/`
+data_path = "cache/"  # a folder prepared by `python cache.py prepare --datalist list.json --out cache/`
 arch = "vit_large"
 patch_size = 16
 global_crops_size = 96

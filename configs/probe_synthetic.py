@@ -1,4 +1,4 @@
-# Linear probe on synthetic phantoms (data.SyntheticVolumes): "does this abdomen have liver lesions?" — 1-3 small
+# Linear probe on synthetic phantoms (phantoms.SyntheticVolumes): "does this abdomen have liver lesions?" — 1-3 small
 # dark spheres in half of the volumes, so the answer hangs on a small structure, not on global intensity.
 # Needs no files; a CPU run takes about a minute.
 #   python linear_probe.py configs/probe_synthetic.py

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import augment  # noqa: E402
-import data  # noqa: E402
+import cache  # noqa: E402
 import model  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -30,9 +30,9 @@ ap.add_argument("--ckpt", default=None, help="a teacher export to test instead o
 ap.add_argument("--global_scale", type=float, nargs=2, default=(0.48, 1.0))
 a = ap.parse_args()
 
-ds = data.PretrainDataset(a.data or None, 48, 24, 2, global_in_slice_scale=tuple(a.global_scale), seed=1,
+ds = cache.PretrainDataset(a.data or None, 48, 24, 2, global_in_slice_scale=tuple(a.global_scale), seed=1,
                           min_axis_size=16)
-batch = data.collate_pretrain([ds[k] for k in range(a.n)])
+batch = cache.collate_pretrain([ds[k] for k in range(a.n)])
 g = torch.Generator().manual_seed(0)
 v = augment.make_views(batch, 48, 24, 8, g, "cpu")
 x0, x1 = v["global_crops"][:a.n], v["global_crops"][a.n:]

@@ -83,7 +83,7 @@ train_images = os.path.join(out, "pretrain_images.json")
 with open(train_images, "w") as f:  # the training images only: validation and test cases stay unseen
     json.dump([{"image": os.path.abspath(c["image"])} for c in split["training"]], f)
 cache = os.path.join(out, "cache")
-run("prepare", ["data.py", "prepare", "--datalist", train_images, "--out", cache, "--min_axis_size", "16"],
+run("prepare", ["cache.py", "prepare", "--datalist", train_images, "--out", cache, "--min_axis_size", "16"],
     os.path.join(cache, "index.json"))
 
 # --- 2. pretraining ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import data
 import losses
 import metrics
 import model
+import phantoms
 
 # -----------------------------------------------------------------------------
 # sliding window
@@ -220,7 +221,7 @@ def _phantom_datalist(tmp_path, n=(6, 2, 3), shape=(40, 44, 36)):
     affine[:3, 3] = [30, 40, -20]
     dl = {}
     for s, (split, k) in enumerate(zip(data.SPLITS, n)):
-        vols = data.SyntheticVolumes(k, shape, seed=100 + s, with_labels=True)
+        vols = phantoms.SyntheticVolumes(k, shape, seed=100 + s, with_labels=True)
         items = []
         for i in range(k):
             v = vols[i]

@@ -1,6 +1,6 @@
 """What a first-time user hits: no silent data loss, and every input error clear, early and without a traceback.
 
-Each test runs the real script (or data.py's CLI) the way a user would and reads what it prints. Input errors
+Each test runs the real script or CLI the way a user would and reads what it prints. Input errors
 must name the file or key, exit with code 1, and print no Python traceback."""
 import json
 import os
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import augment
+import cache
 import data
 import model
 from conftest import ROOT, requires_shared
@@ -75,23 +76,22 @@ def test_resume_with_a_changed_architecture_names_the_keys(tmp_path):
     assert "size mismatch" not in p.stderr
 
 
-def test_make_datalist_then_prepare_from_another_folder(tmp_path):
-    """make-datalist's paths are read back by prepare whatever the current folder (they used to be written
-    relative to it and read relative to the JSON), and prepare fails when it wrote nothing usable."""
+def test_datalist_paths_are_read_relative_to_the_json_then_prepare_fails_when_nothing_usable(tmp_path):
+    """A datalist's relative paths are read relative to the JSON's folder whatever the current folder, and
+    prepare fails when it wrote nothing usable."""
     vols = tmp_path / "vols"
     vols.mkdir()
     for i in range(2):
         nib.save(nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4)), vols / f"v{i}.nii.gz")
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)
-    p = script(ROOT / "data.py", "make-datalist", "../vols", "--out", "sub/list.json", cwd=work)
-    assert p.returncode == 0, p.stderr
-    p = script(ROOT / "data.py", "prepare", "--datalist", "sub/list.json", "--out", "cache", "--min_axis_size=8",
+    (work / "sub" / "list.json").write_text(json.dumps([{"image": f"../../vols/v{i}.nii.gz"} for i in range(2)]))
+    p = script(ROOT / "cache.py", "prepare", "--datalist", "sub/list.json", "--out", "cache", "--min_axis_size=8",
                cwd=work)
     assert p.returncode == 0, p.stderr
-    assert len(data.load_index(work / "cache")["entries"]) == 2
+    assert len(cache.load_index(work / "cache")["entries"]) == 2
     (work / "bad.json").write_text(json.dumps([{"image": "missing.nii.gz"}]))
-    p = script(ROOT / "data.py", "prepare", "--datalist", "bad.json", "--out", "cache2", cwd=work)
+    p = script(ROOT / "cache.py", "prepare", "--datalist", "bad.json", "--out", "cache2", cwd=work)
     assert p.returncode == 1 and "holds no usable volume" in p.stderr
 
 
@@ -167,6 +167,8 @@ def test_pretrain_input_errors_print_the_message_alone(tmp_path):
     (tmp_path / "list.json").write_text("{not json")
     p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--data_path={tmp_path / 'list.json'}",
                f"--out_dir={tmp_path / 'a'}")
+    assert_input_error(p, str(tmp_path / "list.json"), "not a prepared cache", "python cache.py prepare")
+    p = script(ROOT / "cache.py", "prepare", "--datalist", tmp_path / "list.json", "--out", tmp_path / "c")
     assert_input_error(p, str(tmp_path / "list.json"), "not a readable JSON datalist")
     p = script(ROOT / "pretrain.py", "--max_iter=3", f"--out_dir={tmp_path / 'b'}")
     assert_input_error(p, "unknown config key 'max_iter'", "did you mean 'max_iters'")
