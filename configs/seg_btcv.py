@@ -7,7 +7,7 @@
 #   python finetune_seg.py configs/seg_btcv.py --datalist=/data/btcv/datalist.json \
 #       --pretrained=3dino_vit_weights.pth
 # It is the authors' high-resolution ViT-L/16 (112^3 input, the crop_size default); its architecture is read from
-# the file, so no model setting is needed. ViT-L + adapter at 112^3, batch 2 x 4 crops, peaked at 58.6 GB on an H200.
+# the file, so no model setting is needed. GPU memory and the intensity scaling: docs/pretrained_weights.md.
 # The datalist holds {"training", "validation", "test"} lists of {"image", "label"} (a MONAI-style dataset_0.json
 # without "test" works too: the test pass then reports the validation cases). The paper's "Random" baseline (a
 # randomly initialised, frozen ViT-L/16): pretrained = None, or --random_init=True with the checkpoint (its

@@ -104,17 +104,15 @@ def test_hippocampus_configs_load_their_datalists_from_a_data_root(msd_copy):
     assert [it["image"] for it in probe] == data.find_volumes(HIPPO / "images")
 
 
-@requires_shared
 @pytest.mark.slow
-def test_finetune_seg_runs_on_the_official_msd_layout(msd_copy, tmp_path):
-    out = tmp_path / "seg"
+def test_the_scripts_read_data_root(tmp_path):
+    """finetune_seg.py and linear_probe.py hand `data_root` to the datalist reader: a wrong one is one line naming
+    it, before any work."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "finetune_seg.py", "configs/seg_hippocampus.py", f"--data_root={msd_copy}",
-                        f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--save_predictions=False",
-                        "--threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    res = json.loads((out / "results.json").read_text())
-    test = json.loads(SPLIT.read_text())["test"]
-    assert [c["case"] for c in res["test_cases"]] == [Path(it["image"]).name[: -len(".nii.gz")] for it in test]
-    assert res["config"]["data_root"] == str(msd_copy) and res["test_dice_mean"] is not None
-    assert len(res["train_cases"]) == 14  # label_fraction 0.1 of the 140 training cases
+    for script, cfg in (("finetune_seg.py", "configs/seg_hippocampus.py"),
+                        ("linear_probe.py", "configs/probe_hippocampus.py")):
+        p = subprocess.run([sys.executable, script, cfg, f"--data_root={tmp_path / 'nowhere'}",
+                            f"--out_dir={tmp_path / script}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+        assert f"error: {tmp_path / 'nowhere'}: data_root not found" in p.stderr, p.stderr[-2000:]

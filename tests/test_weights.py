@@ -238,3 +238,19 @@ def test_scripts_load_pretrained_weights_through_the_tested_loader():
                          ("evaluate.py", "model.vit_from_checkpoint("),
                          ("pretrain.py", "model.load_pretrained(")):
         assert call in (ROOT / script).read_text(), f"{script} no longer loads checkpoints with {call}"
+
+
+def test_a_damaged_file_stops_the_script_with_its_name(tmp_path):
+    """The scripts print a CheckpointError as `error: <message>` (no traceback) before any training."""
+    sd = layout(reference_weights(), **AUTHORS)["teacher"]
+    del sd["backbone.blocks.1.3.mlp.fc2.weight"]
+    path = tmp_path / "3dino_vit_weights.pth"
+    torch.save({"teacher": sd}, path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={path}",
+                        f"--out_dir={tmp_path / 'seg'}", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)",
+                        "--threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert f"error: {path} (backbone): checkpoint does not fit the model — missing keys ['blocks.3.mlp.fc2.weight']" \
+        in p.stderr
+    assert not (tmp_path / "seg" / "ckpt.pt").exists()
