@@ -1,6 +1,7 @@
 # Linear probe on real MRI (MSD Task04 hippocampus, the 200 labelled cases of data_splits/msd_hippocampus_probe.json):
 # "is this case's posterior hippocampus larger than the median case's?" The label comes from the label maps
 # (voxels == 2, 1 mm isotropic, median over all 200 cases -> 100 / 100); the backbone only ever sees the image.
+# Results (pretrained vs random init): experiments/README.md.
 # Data: Task04_Hippocampus.tar from http://medicaldecathlon.com/ (licence CC BY-SA 4.0; docs/datasets.md), unpacked.
 #   python linear_probe.py configs/probe_hippocampus.py --data_root=/data/Task04_Hippocampus   # random ViT-S/16, CPU
 #   python linear_probe.py configs/probe_hippocampus.py --data_root=... --pretrained=out/demo/teacher_backbone.pt

@@ -254,3 +254,21 @@ def test_a_damaged_file_stops_the_script_with_its_name(tmp_path):
     assert f"error: {path} (backbone): checkpoint does not fit the model — missing keys ['blocks.3.mlp.fc2.weight']" \
         in p.stderr
     assert not (tmp_path / "seg" / "ckpt.pt").exists()
+
+
+def test_load_case_default_is_the_authors_intensity_mapping(tmp_path):
+    """The authors' weights expect each volume's 0.05th / 99.95th percentiles mapped to [-1, 1], clipped: what
+    data.load_case does without ct_window (docs/pretrained_weights.md relies on it)."""
+    import nibabel as nib
+
+    import data
+
+    x = np.random.default_rng(0).gamma(2.0, 300.0, size=(20, 24, 28)).astype(np.float32)  # skewed, MRI-like
+    path = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(x, np.eye(4)), path)  # RAS already: the loader keeps the array as it is
+    a, b = np.percentile(x, [0.05, 99.95])
+    expected = np.clip(2 * (x - a) / (b - a) - 1, -1, 1)
+    got = data.load_case(path)["image"]
+    assert got.shape == (1, *x.shape)
+    np.testing.assert_allclose(got[0], expected, atol=1e-5)
+    assert (got == -1).any() and (got == 1).any()  # the tails beyond the percentiles are clipped
