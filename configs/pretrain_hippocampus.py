@@ -2,6 +2,8 @@
 # experiment (experiments/label_efficiency.py). The demo's ViT and recipe (configs/pretrain_demo.py) on real MRI
 # crops, except K, the teacher temperature and the batch, chosen on these images; the runs behind them are in
 # experiments/README.md. About half an hour on 2 CPU cores.
+# Data: MSD Task04_Hippocampus from http://medicaldecathlon.com/ (CC BY-SA 4.0; docs/datasets.md); the experiment
+# prepares the cache from the training cases of data_splits/msd_hippocampus.json under its --data_root:
 # python data.py prepare --datalist <training images> --out out/label_efficiency/cache   (the experiment does this)
 out_dir = "out/label_efficiency/pretrain"
 data_path = "out/label_efficiency/cache"
