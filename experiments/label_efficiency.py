@@ -125,7 +125,8 @@ probe = {}
 for init in ("pretrained", "random"):
     d = os.path.join(out, f"probe_{init}")
     cmd = ["linear_probe.py", "configs/probe_hippocampus.py", f"--out_dir={d}", f"--pretrained={teacher}",
-           f"--data_root={args.data_root}", f"--seed={args.seed}"] + (["--random_init=True"] if init == "random" else [])
+           f"--data_root={args.data_root}", f"--seed={args.seed}"]
+    cmd += ["--random_init=True"] if init == "random" else []
     run(f"probe {init}", cmd, os.path.join(d, "results.json"))
     probe[init] = json.load(open(os.path.join(d, "results.json")))
 

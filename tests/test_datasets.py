@@ -95,8 +95,10 @@ def test_hippocampus_configs_load_their_datalists_from_a_data_root(msd_copy):
         cfg = config(ROOT / cfg_file)
         assert cfg["data_root"] == "data/Task04_Hippocampus"  # a user's path by default, set on the command line
         for root in (msd_copy, HIPPO):
-            dl = data.read_datalist(ROOT / cfg["datalist"], root=config(ROOT / cfg_file, data_root=str(root))["data_root"])
+            cfg = config(ROOT / cfg_file, data_root=str(root))  # as --data_root=... on the command line
+            dl = data.read_datalist(ROOT / cfg["datalist"], root=cfg["data_root"])
             assert tuple(len(dl[s]) for s in data.SPLITS) == n
+            assert all(it["image"].startswith(str(root)) and it["label"].startswith(str(root)) for it in dl["training"])
             case = data.load_case(dl["training"][0]["image"], dl["training"][0]["label"])
             assert case["label"].max() == 2 and case["image"].min() >= -1 and case["image"].max() <= 1
     # the probe's case order is the folder's sorted order, as when it read ../shared/data/msd_hippocampus directly

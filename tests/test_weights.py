@@ -34,8 +34,8 @@ def reference_weights():
 
 
 def chunked(key, chunks=2):
-    """blocks.{i}.… -> blocks.{chunk}.{i}.…, as the reference's FSDP block chunks store them (chunk c of depth/chunks
-    blocks keeps the global index i)."""
+    """blocks.{i}.… -> blocks.{chunk}.{i}.…, as the reference's FSDP block chunks store them (each chunk of
+    depth/chunks blocks keeps the global index i)."""
     if not key.startswith("blocks."):
         return key
     i = int(key.split(".")[1])
@@ -248,8 +248,8 @@ def test_a_damaged_file_stops_the_script_with_its_name(tmp_path):
     torch.save({"teacher": sd}, path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={path}",
-                        f"--out_dir={tmp_path / 'seg'}", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)",
-                        "--threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                        f"--out_dir={tmp_path / 'seg'}", "--synthetic_cases=(2, 1, 1)",
+                        "--synthetic_shape=(32, 32, 32)", "--threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"error: {path} (backbone): checkpoint does not fit the model — missing keys ['blocks.3.mlp.fc2.weight']" \
         in p.stderr
