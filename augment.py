@@ -48,8 +48,7 @@ def keep_freed_memory(limit_bytes: int = 1 << 30) -> bool:
     Why: every step allocates and frees the same multi-MB tensors (boxes, resized views, filter temporaries). By
     default glibc serves blocks above a threshold (128 kB at start, adapting up to 32 MB) with fresh mmap()s and
     returns freed memory at the top of the heap to the OS, so new blocks are zero-filled page by page on first
-    touch. Here (2 cores, a sandboxed kernel) those page faults were a third of
-    the CPU cost of make_views: 55 -> 32 ms per sample, 1.05M -> 0.61M minor faults in one benchmark run. This is
+    touch; on a small CPU machine those page faults can be a third of make_views' cost (docs/performance.md). This is
     the same effect for which PyTorch's CPU tuning guide recommends jemalloc/tcmalloc; mallopt needs no extra
     package. The price: the process's resident memory stays at its peak. No-op (returns False) without glibc.
     """

@@ -312,8 +312,8 @@ class PretrainDataset(torch.utils.data.Dataset):
         """The box (h0, w0, d0, ch, cw, cd) of the padded volume as (1, ch, cw, cd) float32: only the in-volume
         part is read, the rest is −1.
         The read is one torch copy_ from the (memory-mapped) array into the output: it converts float16 ->
-        float32 vectorised while it reads. numpy's float16 -> float32 cast is ~8× slower and was most of the cost
-        of a sample (bench.py augment: 35 of 40 ms for the 10 boxes of a sample)."""
+        float32 vectorised while it reads; numpy's float16 -> float32 cast is ~8× slower and would dominate a
+        sample's cost (`bench.py augment`)."""
         out = torch.empty(tuple(box[3:]), dtype=torch.float32)
         src, dst = [], []
         for n, b0, cb in zip(shape, box[:3], box[3:]):

@@ -25,8 +25,8 @@ Why a kernel: the reference materialises every sampled value before the weighted
 extractor (25,039 queries x 8 heads x 4 points x 32 channels) that is ~100 MB per sample in fp32, and
 grid_sample's backward materialises it again to scatter ~2,300 contributions onto every voxel of the tiny 7^3
 value grid. The kernel fuses sampling and the weighted sum (nothing is materialised); its backward adds each
-contribution with an atomic straight from registers. Measured on an H200 (README, `python bench.py msda`): the
-extractor's forward + backward at batch 8 in 4.4 ms vs the reference's 14.7 ms, with a tenth of its memory.
+contribution with an atomic straight from registers. Speed and memory against the reference: `python bench.py
+msda`, figures in docs/performance.md.
 
 Use msda(...) — the dispatcher: Triton on CUDA, the reference on CPU, or force one with backend=.
 CPU parity check through the Triton interpreter:  TRITON_INTERPRET=1 python msda_triton.py
@@ -108,10 +108,9 @@ def msda_reference(
 # The first two are per (query, head, level, point) and need no atomics: one program per query block writes
 # them. The scatter is one tl.atomic_add of each (BLOCK_Q, 8, Dh) corner tile, straight from registers, on every
 # level — also on the extractor's 7^3 grid, where each address receives ~2,300 adds (25,039 queries x 4 points
-# x 8 corners / 343 voxels) and contention looked like the problem. It is not, on Hopper: a version with a second
-# "dense" path for such levels (one-hot weight tiles M[q, v] reduced in registers with tl.dot, one atomic per
-# query slice) was 20-35x SLOWER on an H200 (extractor fwd+bwd at batch 8: 151 ms vs 4.4 ms with the atomics,
-# fp32 and bf16 alike; 2026-11-26, README), so it was removed. Sorting the (voxel, contribution) pairs would
+# x 8 corners / 343 voxels). Contention is not the bottleneck there on Hopper: a "dense" path for such levels
+# (one-hot weight tiles M[q, v] reduced in registers with tl.dot, one atomic per query slice) is 20-35x slower
+# than these atomics (docs/performance.md), so there is none. Sorting the (voxel, contribution) pairs would
 # avoid contention too, but needs a global sort and a materialised (Q*P*8, Dh) buffer — the memory this file
 # exists to avoid.
 
