@@ -124,8 +124,8 @@ def resize_crops(crops: list[torch.Tensor], size: int, symmetry: torch.Tensor | 
 
     Trilinear with align_corners=False and no antialiasing, as the reference: output voxel i of an axis samples
     the input at (i + ½)·in/out − ½ and mixes its 2 neighbours, so each output voxel reads 8 input voxels.
-    One `F.interpolate` per crop: crops differ in shape, and on 2 CPU cores this loop was ~10× faster than
-    padding all crops to one tensor and calling `grid_sample` once (measured in bench.py's development).
+    One `F.interpolate` per crop: crops differ in shape, and on 2 CPU cores this loop is ~10× faster than
+    padding all crops to one tensor and calling `grid_sample` once.
     symmetry: optional (n,) codes of the view recipes' flips/rot90s (`plan_geometric`); each resized crop is
     then permuted/flipped in the copy into the batch tensor that happens anyway (make_views: −2 ms per sample
     on 2 CPU cores compared with a separate step).
@@ -149,7 +149,7 @@ def resize_crops(crops: list[torch.Tensor], size: int, symmetry: torch.Tensor | 
 # Every transform takes `apply=` (n,) bool instead of its own coin, which is how `one_of_choice` reaches it.
 # Why chunks: on CPU every transform is a few passes over memory; a whole batch of 96³ crops (3.5 MB each) falls
 # out of the caches between passes, and running the 10–20 steps of a view recipe one cache-sized chunk at a time
-# was ~1.5× faster (measured: 16 vs 29 ms CPU per global crop). On CUDA the chunk is the whole batch.
+# is ~1.5× faster (16 vs 29 ms CPU per global crop). On CUDA the chunk is the whole batch.
 # Because the draws happen before the chunking, the output does not depend on the chunk size.
 
 CPU_CHUNK_BYTES = 4 << 20  # samples per chunk on CPU: as many as fit in ~4 MB (1 global crop, 9 local crops)
