@@ -84,9 +84,13 @@ def _canonical_ornt(affine: np.ndarray, path) -> np.ndarray:
     if not np.isfinite(affine).all():
         raise VolumeError(f"{path}: non-finite affine (broken header: no usable qform/sform or pixdim)")
     try:
-        return nib.io_orientation(affine)  # rows: (target axis, flip ±1) for each array axis
+        ornt = nib.io_orientation(affine)  # rows: (target axis, flip ±1) for each array axis
     except Exception as e:  # a degenerate (singular) affine
         raise VolumeError(f"{path}: cannot orient affine ({e})") from None
+    if np.isnan(ornt).any():  # io_orientation marks an array axis with no direction of its own with NaN
+        raise VolumeError(f"{path}: singular orientation matrix {np.round(affine[:3, :3], 4).tolist()} (a voxel axis "
+                          "of length 0, or two along one line): a broken qform/sform header")
+    return ornt
 
 
 def _check_spacing(spacing, path) -> np.ndarray:
@@ -1108,20 +1112,28 @@ def to_input_grid(pred: np.ndarray, case: dict):
 
 
 if __name__ == "__main__":
+    import configurator
+
+    sys.excepthook = configurator._excepthook  # input errors (VolumeError) print their message, no traceback
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes, after its name
+    common.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("make-datalist", help="write the pretraining JSON [{image, shape, spacing}] for a folder/glob")
+    a = sub.add_parser("make-datalist", parents=[common],
+                       help="write the pretraining JSON [{image, shape, spacing}] for a folder/glob")
     a.add_argument("dir", help="folder (searched recursively) or glob")
     a.add_argument("--out", required=True, help="output JSON path")
-    a = sub.add_parser("prepare", help="preprocess volumes once into a memory-mappable cache")
+    a = sub.add_parser("prepare", parents=[common], help="preprocess volumes once into a memory-mappable cache")
     a.add_argument("--datalist", required=True, help="datalist JSON (pretraining or finetuning), folder or glob")
     a.add_argument("--out", required=True, help="cache folder (index.json + .npy files)")
     a.add_argument("--min_axis_size", type=int, default=24, help="drop volumes with min(shape) <= this (ref: 24)")
     a.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")
     a.add_argument("--retry", action="store_true", help="retry files rejected by a previous run")
-    a = sub.add_parser("show", help="print shape, spacing, orientation and value range of volumes")
+    a = sub.add_parser("show", parents=[common], help="print shape, spacing, orientation and value range of volumes")
     a.add_argument("files", nargs="+")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     if args.cmd == "make-datalist":
         items, bad = make_datalist(args.dir)
