@@ -107,8 +107,9 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
     """The whole test -> eval.json's dict; log (None: silent) gets one line as each stage starts."""
     t0 = time.perf_counter()
 
-    def stage(arm):  # "eval 12s: pretrained: fitting the linear decoder ...": the 40-60 s are not silent
-        return lambda msg: log and log(f"eval {time.perf_counter() - t0:.0f}s: {arm}{msg}")
+    def say(msg):  # "eval 12s: random init: fitting the linear decoder ...": the 40-60 s are not silent
+        if log:
+            log(f"eval {time.perf_counter() - t0:.0f}s: {msg}")
 
     obj = model.load_checkpoint(ckpt)
     vit = model.vit_from_checkpoint(obj)
@@ -116,10 +117,10 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
         seed = int(obj.get("config", {}).get("seed", 0))
     rand = model.random_init_like(obj, seed)  # the pretraining's step-0 backbone
     n_classes = data.SyntheticVolumes.num_classes
-    stage("")(f"{n_train} training + {n_test} test phantoms of {size}^3 (seed {data_seed})")
+    say(f"{n_train} training + {n_test} test phantoms of {size}^3 (seed {data_seed})")
     train, test = phantoms(n_train, size, data_seed), phantoms(n_test, size, data_seed + 1)
-    pre, pre_cls = evaluate_backbone(vit, train, test, n_classes, seed=0, stage=stage("pretrained backbone: "))
-    ran, ran_cls = evaluate_backbone(rand, train, test, n_classes, seed=0, stage=stage("random init: "))
+    pre, pre_cls = evaluate_backbone(vit, train, test, n_classes, 0, lambda m: say(f"pretrained backbone: {m}"))
+    ran, ran_cls = evaluate_backbone(rand, train, test, n_classes, 0, lambda m: say(f"random init: {m}"))
     diff = pre - ran
     mean, lo, hi = metrics.bootstrap_ci(diff, n_boot=2000)
     res = {"task": TASK, "metric": METRIC, "pretrained": float(np.nanmean(pre)), "random": float(np.nanmean(ran)),
