@@ -221,7 +221,8 @@ for r in range(n_runs):
 for r, (tr, va, te) in enumerate(run_splits):
     for name, idx in (("training", tr), ("validation", va), ("test", te)):
         if len(idx) == 0:
-            raise ConfigError(f"run {r}: the {name} list is empty")
+            hint = "" if split else " (split=(n_train, n_val, n_test) splits all the labelled cases at random)"
+            raise ConfigError(f"run {r}: the {name} list is empty{hint}")
         missing = [class_names[k] for k in range(num_classes) if not (labels[idx] == k).any()]
         if missing and name == "validation":  # selection could never reward a classifier for these classes
             raise ConfigError(f"run {r}: no validation example of class(es) {missing}; every class needs one")

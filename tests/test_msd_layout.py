@@ -108,6 +108,10 @@ def test_probe_on_the_msd_layout_leaves_out_unlabelled_cases(msd, tmp_path):
     assert len(twice) == 1 and case1 in twice[0] and "training and the test list" in twice[0], p.stdout
     assert "9 cases" in p.stdout  # 8 training + the labelled test case; the imagesTs cases are gone
     assert json.loads((out / "results.json").read_text())["summary"]
+    # without split: no validation list in the MSD layout, and the error says how to get one
+    p = run(ROOT / "linear_probe.py", *TINY_PROBE, "--split=()", f"--datalist={root}", f"--out_dir={tmp_path / 'p2'}")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "the validation list is empty (split=(n_train, n_val, n_test)" in p.stderr, p.stderr[-2000:]
 
 
 @requires_shared
