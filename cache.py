@@ -382,7 +382,10 @@ if __name__ == "__main__":
     a.add_argument("--min_axis_size", type=int, default=24, help="drop volumes with min(shape) <= this (ref: 24)")
     a.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="parallel processes")
     a.add_argument("--retry", action="store_true", help="retry files rejected by a previous run")
+    a.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     if args.cmd == "prepare":
         try:

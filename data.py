@@ -64,9 +64,13 @@ def _canonical_ornt(affine: np.ndarray, path) -> np.ndarray:
     if not np.isfinite(affine).all():
         raise VolumeError(f"{path}: non-finite affine (broken header: no usable qform/sform or pixdim)")
     try:
-        return nib.io_orientation(affine)  # rows: (target axis, flip ±1) for each array axis
+        ornt = nib.io_orientation(affine)  # rows: (target axis, flip ±1) for each array axis
     except Exception as e:  # a degenerate (singular) affine
         raise VolumeError(f"{path}: cannot orient affine ({e})") from None
+    if np.isnan(ornt).any():  # io_orientation marks an array axis with no direction of its own with NaN
+        raise VolumeError(f"{path}: singular orientation matrix {np.round(affine[:3, :3], 4).tolist()} (a voxel axis "
+                          "of length 0, or two along one line): a broken qform/sform header")
+    return ornt
 
 
 def _check_spacing(spacing, path) -> np.ndarray:
@@ -622,11 +626,18 @@ def file_grid(path, canonical_affine: np.ndarray, canonical_shape=None) -> tuple
 
 
 if __name__ == "__main__":
+    import configurator
+
+    sys.excepthook = configurator._excepthook  # input errors (VolumeError) print their message, no traceback
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)  # options every subcommand takes, after its name
+    common.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("show", help="print shape, spacing, orientation and value range of volumes")
+    a = sub.add_parser("show", parents=[common], help="print shape, spacing, orientation and value range of volumes")
     a.add_argument("files", nargs="+")
     args = ap.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     if args.cmd == "show":
         n_bad = 0

@@ -21,6 +21,7 @@ per-volume difference pretrained - random over the test volumes), "p_wilcoxon", 
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import cache
 import metrics
 import model
 from phantoms import SyntheticVolumes
+from configurator import _excepthook
 
 TASK = "phantom linear-decoder segmentation (liver, kidneys, lesion), frozen last-4-block patch tokens"
 METRIC = "mean foreground Dice per test volume"
@@ -75,13 +77,17 @@ def fit_decoder(X: torch.Tensor, T: torch.Tensor, iters: int = 300, lr: float = 
     return W.detach().t(), b.detach()
 
 
-def evaluate_backbone(vit, train, test, n_classes, seed):
-    """Per-test-volume mean foreground Dice and per-class Dice of the linear decoder on vit's features."""
+def evaluate_backbone(vit, train, test, n_classes, seed, stage=lambda msg: None):
+    """Per-test-volume mean foreground Dice and per-class Dice of the linear decoder on vit's features.
+    stage(msg) is called as each step starts (the steps take seconds to a minute: the user sees which runs)."""
     p = vit.patch_size
+    stage(f"features of {len(train['image'])} training + {len(test['image'])} test phantoms")
     Ftr, Fte = features(vit, train["image"]), features(vit, test["image"])
     mu, sd = Ftr.flatten(0, 1).mean(0), Ftr.flatten(0, 1).std(0).clamp_min(1e-6)
     Ftr, Fte = (Ftr - mu) / sd, (Fte - mu) / sd
+    stage("fitting the linear decoder (300 full-batch Adam steps)")
     W, b = fit_decoder(Ftr.flatten(0, 1), patch_targets(train["label"], p, n_classes).flatten(0, 1), seed=seed)
+    stage(f"scoring {len(Fte)} test phantoms")
     S = test["label"].shape[1:]
     g = [s // p for s in S]
     logits = (Fte @ W + b).transpose(1, 2).reshape(len(Fte), n_classes, *g)  # (n, C, g, g, g)
@@ -98,17 +104,24 @@ def phantoms(n: int, size: int, seed: int) -> dict:
 
 
 def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, size: int = 64,
-        data_seed: int = 90_210, seed: int | None = None) -> dict:
+        data_seed: int = 90_210, seed: int | None = None, log=print) -> dict:
+    """The whole test -> eval.json's dict; log (None: silent) gets one line as each stage starts."""
     t0 = time.perf_counter()
+
+    def say(msg):  # "eval 12s: random init: fitting the linear decoder ...": the 40-60 s are not silent
+        if log:
+            log(f"eval {time.perf_counter() - t0:.0f}s: {msg}")
+
     obj = model.load_checkpoint(ckpt)
     vit = model.vit_from_checkpoint(obj)
     if seed is None:  # the pretraining run's seed, so the random twin is exactly its starting point
         seed = int(obj.get("config", {}).get("seed", 0))
     rand = model.random_init_like(obj, seed)  # the pretraining's step-0 backbone
     n_classes = SyntheticVolumes.num_classes
+    say(f"{n_train} training + {n_test} test phantoms of {size}^3 (seed {data_seed})")
     train, test = phantoms(n_train, size, data_seed), phantoms(n_test, size, data_seed + 1)
-    pre, pre_cls = evaluate_backbone(vit, train, test, n_classes, seed=0)
-    ran, ran_cls = evaluate_backbone(rand, train, test, n_classes, seed=0)
+    pre, pre_cls = evaluate_backbone(vit, train, test, n_classes, 0, lambda m: say(f"pretrained backbone: {m}"))
+    ran, ran_cls = evaluate_backbone(rand, train, test, n_classes, 0, lambda m: say(f"random init: {m}"))
     diff = pre - ran
     mean, lo, hi = metrics.bootstrap_ci(diff, n_boot=2000)
     res = {"task": TASK, "metric": METRIC, "pretrained": float(np.nanmean(pre)), "random": float(np.nanmean(ran)),
@@ -140,7 +153,11 @@ if __name__ == "__main__":
     ap.add_argument("--n_test", type=int, default=40)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--data_seed", type=int, default=90_210)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
     a = ap.parse_args()
+    sys.excepthook = _excepthook  # input errors (a bad checkpoint) print their message, no traceback
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     if not os.path.isfile(a.ckpt):
         raise SystemExit(f"evaluate.py: {a.ckpt}: no such file")
     try:

@@ -11,6 +11,8 @@ HD95 with bootstrap confidence intervals. The defaults are the paper's BTCV reci
     python finetune_seg.py configs/seg_hippocampus.py --head=linear        # the paper's linear decoder, frozen ViT
     python finetune_seg.py configs/seg_hippocampus.py --head=unetr --freeze_backbone=False   # UNETR, end to end
     python finetune_seg.py configs/seg_hippocampus.py --resume=True        # continue an interrupted run
+    python finetune_seg.py configs/seg_hippocampus.py --datalist=/data/Task04_Hippocampus --val_fraction=0.2 \
+        --out_dir=out/seg_msd                          # the official MSD layout: validation held out of imagesTr
     python finetune_seg.py configs/seg_btcv.py --datalist=/data/btcv/dataset_0.json --pretrained=teacher_checkpoint.pth
     torchrun --standalone --nproc_per_node=4 finetune_seg.py configs/seg_brats.py --datalist=/data/brats.json \
         --pretrained=teacher_checkpoint.pth
@@ -91,6 +93,8 @@ num_classes = 14  # label values 0..num_classes-1, 0 = background (BTCV: 13 orga
 class_names = None  # optional names of classes 1.. (or of the regions) for results.json
 label_fraction = 1.0  # fraction of the training cases used (paper: 1.0, 0.25, 0.1 ...)
 split_seed = 0  # shuffles the training list before taking the fraction: same subset for every method, nested
+val_fraction = 0.0  # > 0: a datalist with no validation list (MSD's dataset.json) gives this fraction of its
+#                     training cases to validation (seeded by split_seed, before label_fraction); 0 = none: an error
 target_spacing = None  # resample to this spacing in mm, e.g. (1.5, 1.5, 2.0) for BTCV; None = keep the file's
 ct_window = None  # (lo, hi) HU -> [-1, 1] clipped, e.g. (-175, 250) for BTCV; None = percentile scaling per channel
 crop_foreground = False  # crop each case to the box of image > -1 (BTCV: removes the air around the body)
@@ -159,6 +163,8 @@ if (loss == "sigmoid_dice") != bool(regions):
     raise ConfigError("loss='sigmoid_dice' needs regions (label values per region), and regions need it")
 if not 0 < label_fraction <= 1:
     raise ConfigError(f"label_fraction must be in (0, 1], got {label_fraction}")
+if not 0 <= val_fraction < 1:
+    raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
 if random_init and not pretrained:
     raise ConfigError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
                       "without a checkpoint pretrained=None already means random init of arch")
@@ -183,6 +189,9 @@ if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32"
 ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
+if master_process and device_type == "cpu" and dtype != "float32":
+    print(f"warning: dtype={dtype} on CPU: reduced-precision autocast has no fast kernels on most CPUs and runs "
+          "slower than --dtype=float32 (a small finetuning run: bfloat16 7x, float16 over 100x)")
 torch.manual_seed(seed + rank)
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -202,7 +211,8 @@ def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[
     paths = item["image"] if isinstance(item["image"], list) else [item["image"]]
     warnings = []
     try:
-        vols = [data.load_volume(p)[0] for p in paths]  # (C, H, W, D) each
+        loaded = [data.load_volume(p) for p in paths]  # (x (C, H, W, D), spacing, affine) each
+        vols = [x for x, _, _ in loaded]
         for p, x in zip(paths, vols):
             if not np.isfinite(x).reshape(len(x), -1).any(1).all():
                 return [f"case {name}: {p} has a channel without a single finite voxel"]
@@ -220,11 +230,19 @@ def check_case(item, in_chans: int, num_classes: int, need_label: bool) -> list[
         label = item.get("label")
         if label is None or isinstance(label, (int, float)):
             return [f"case {name}: no label map"] if need_label else warnings
-        lab = data.load_volume(label)[0]
+        lab, _, lab_affine = data.load_volume(label)
         if lab.shape[0] != 1:
             return [f"case {name}: label {label} has {lab.shape[0]} channels, expected one label map"]
         if list(lab.shape[1:]) != shape:
             return [f"case {name}: label {label} has shape {list(lab.shape[1:])}, the image has {shape}"]
+        # voxels are paired by index: a label whose grid sits elsewhere in space (another affine) is misaligned
+        # in a viewer and, most likely, here too; 1e-3 of a voxel absorbs the float32 header rounding
+        _, spacing, affine = loaded[0]
+        corners = np.array(np.meshgrid(*[(0, n - 1) for n in shape], [1], indexing="ij")).reshape(4, -1)
+        apart = float(np.linalg.norm(((lab_affine - affine) @ corners)[:3], axis=0).max())  # mm
+        if apart > 1e-3 * spacing.min():
+            warnings.append(f"warning: case {name}: label {label} lies up to {apart:.3g} mm away from its image "
+                            f"{paths[0]} (another affine in the header); it is used voxel by voxel as if aligned")
         values = np.unique(lab)
         bad = values[~np.isfinite(values) | (values != np.round(values)) | (values < 0) | (values >= num_classes)]
         if bad.size:
@@ -303,8 +321,31 @@ else:
                       "label": vols[i]["label"].numpy()} for i in range(n)]
 if not dl["training"]:
     raise ConfigError(f"{datalist}: no training cases")
+if not dl["validation"] and val_fraction > 0:  # MSD's dataset.json: every labelled case under "training"
+    perm = np.random.default_rng(data.mix_seed(split_seed, 23)).permutation(len(dl["training"]))
+    n_val = max(1, round(len(perm) * val_fraction))
+    if n_val >= len(perm):
+        raise ConfigError(f"{datalist}: val_fraction {val_fraction} of {len(perm)} training case(s) leaves none "
+                          "to train on")
+    dl["validation"] = [dl["training"][i] for i in sorted(perm[:n_val])]
+    dl["training"] = [dl["training"][i] for i in sorted(perm[n_val:])]
+    print(f"{datalist}: no validation list: {n_val} of its {len(perm)} training cases are held out for validation "
+          f"(val_fraction {val_fraction}, split_seed {split_seed})")
+elif val_fraction > 0:
+    print(f"{datalist or 'phantoms'}: there is a validation list; val_fraction {val_fraction} is not used")
 if not dl["validation"]:
-    raise ConfigError(f"{datalist}: no validation cases (the best checkpoint is chosen on them)")
+    raise ConfigError(f"{datalist}: no validation cases (the best checkpoint is chosen on them): hold out some "
+                      "training cases with --val_fraction=0.2, or add a \"validation\" list")
+seen = {}  # image path -> split: a case in two splits has no held-out score
+for split in data.SPLITS:
+    for item in dl[split]:
+        if isinstance(item["image"], (str, list)):  # phantoms are arrays, distinct by construction
+            key = tuple(os.path.realpath(p) for p in (item["image"] if isinstance(item["image"], list)
+                                                      else [item["image"]]))
+            if seen.get(key, split) != split and master_process:
+                print(f"warning: case {data.case_name(item)} ({key[0]}) is in both the {seen[key]} and the {split} "
+                      f"list: its {split} score is not held out")
+            seen.setdefault(key, split)
 if not dl["test"]:
     print(f"{datalist}: no test split; the test pass reports the validation cases")
     dl["test"] = dl["validation"]
@@ -526,6 +567,7 @@ if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
 while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter > 0):
+        t_eval = time.perf_counter()
         rows = evaluate(splits["validation"], val_overlap)
         per_class, per_case = summary(rows, "dice")
         val_dice = float(np.nanmean(per_case))
@@ -550,6 +592,11 @@ while True:
                       "best_val_dice": best_val, "best_iter": best_iter})
             tqdm.write(f"iter {iter_num}: validation Dice {val_dice:.4f} (per class "
                        f"{np.round(per_class, 3).tolist()}), best {best_val:.4f} at {best_iter}")
+        dt_eval = time.perf_counter() - t_eval
+        t_last += dt_eval  # the next log row's crops_per_s counts training time only
+        if pbar is not None:  # and so do the bar's rate and ETA: its clocks skip this validation
+            pbar.start_t += dt_eval
+            pbar.last_print_t += dt_eval
     if iter_num == max_iters or (stop_at and iter_num == stop_at):
         break
 

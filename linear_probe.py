@@ -142,6 +142,9 @@ if dtype == "auto":
 if dtype not in ("float16", "bfloat16", "float32"):
     raise ConfigError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {dtype!r}")
 autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
+if device == "cpu" and dtype != "float32":
+    print(f"warning: dtype={dtype} on CPU: reduced-precision autocast has no fast kernels on most CPUs and runs "
+          "slower than --dtype=float32 (a small finetuning run: bfloat16 7x, float16 over 100x)")
 
 # -----------------------------------------------------------------------------
 # data: one list of cases with int labels, the splits of every run, all checked before any backbone work
@@ -154,6 +157,21 @@ def case_name(item):
 
 if datalist:
     dl = data.read_datalist(datalist, root=data_root or None)
+    for name, items in dl.items():  # MSD's imagesTs: no label, nothing to train or score on
+        unlabelled = [item for item in items if item.get("label") is None]
+        if unlabelled:
+            print(f"{datalist}: {len(unlabelled)} unlabelled case(s) of the {name} list left out "
+                  f"(e.g. {case_name(unlabelled[0])})")
+            dl[name] = [item for item in items if item.get("label") is not None]
+    seen = {}  # image path -> list: a case in two lists has no held-out score
+    for name, items in dl.items():
+        for item in items:
+            key = tuple(os.path.realpath(p) for p in (item["image"] if isinstance(item["image"], list)
+                                                      else [item["image"]]))
+            if seen.get(key, name) != name:
+                print(f"warning: case {case_name(item)} ({key[0]}) is in both the {seen[key]} and the {name} "
+                      f"list: its {name} score is not held out")
+            seen.setdefault(key, name)
     cases = dl["training"] + dl["validation"] + dl["test"]
     listed = [np.arange(len(dl["training"])), len(dl["training"]) + np.arange(len(dl["validation"])),
               len(dl["training"]) + len(dl["validation"]) + np.arange(len(dl["test"]))]
@@ -205,7 +223,8 @@ for r in range(n_runs):
 for r, (tr, va, te) in enumerate(run_splits):
     for name, idx in (("training", tr), ("validation", va), ("test", te)):
         if len(idx) == 0:
-            raise ConfigError(f"run {r}: the {name} list is empty")
+            hint = "" if split else " (split=(n_train, n_val, n_test) splits all the labelled cases at random)"
+            raise ConfigError(f"run {r}: the {name} list is empty{hint}")
         missing = [class_names[k] for k in range(num_classes) if not (labels[idx] == k).any()]
         if missing and name == "validation":  # selection could never reward a classifier for these classes
             raise ConfigError(f"run {r}: no validation example of class(es) {missing}; every class needs one")

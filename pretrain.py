@@ -132,6 +132,9 @@ if dtype not in ("auto", "bfloat16", "float32"):
     raise ConfigError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
+if data_path and not any(c in data_path for c in "*?[") and not os.path.exists(data_path):  # (globs: when read)
+    raise ConfigError(f"data_path {data_path}: no such file or folder (expected a prepared cache folder, a datalist "
+                      "JSON, a folder or a glob of volumes)")
 # before any rank writes (the DDP rendezvous below waits for every rank to get past this)
 check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "teacher_backbone.pt"), "ckpt.pt")
 
@@ -161,6 +164,9 @@ if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32"
 ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
+if master_process and device_type == "cpu" and dtype != "float32":
+    print(f"warning: dtype={dtype} on CPU: reduced-precision autocast has no fast kernels on most CPUs and runs "
+          "several times slower than --dtype=float32")
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     print(f"full config: the first line of {os.path.join(out_dir, 'log.jsonl')}")

@@ -55,6 +55,7 @@ import cache
 import data
 import model as vit_model
 import phantoms
+from configurator import ConfigError, _excepthook
 
 # -----------------------------------------------------------------------------
 # PNG encoder: the few bytes a PNG needs, written by hand so no plotting/imaging package is required
@@ -271,7 +272,7 @@ def analyse(model: vit_model.ViT3D, image: np.ndarray, crop: bool = True, resize
     x = extract_box(image, origin, size)  # (sx, sy, sz), each a multiple of p
     if resize:
         if resize % p:
-            raise ValueError(f"--resize {resize} is not a multiple of the patch size {p}")
+            raise ConfigError(f"--resize {resize} is not a multiple of the patch size {p}")
         # trilinear to a cube, like the reference's --input-type resize (96^3); maps come back by nearest neighbour
         x = F.interpolate(torch.from_numpy(x)[None, None], size=(resize,) * 3, mode="trilinear",
                           align_corners=False)[0, 0].numpy()
@@ -413,12 +414,14 @@ def run(ckpt, image, out_dir, head: int = -1, window: int = 0, resize: int = 0, 
     model = vit_model.vit_from_checkpoint(ckpt).to(device).eval()
     x, spacing, affine = data.load_volume(image)  # (C, H, W, D) RAS+
     if not 0 <= frame < x.shape[0]:
-        raise ValueError(f"{image}: frame {frame} out of range, the volume has {x.shape[0]}")
+        raise data.VolumeError(f"{image}: frame {frame} out of range, the volume has {x.shape[0]}")
+    if not np.isfinite(x[frame]).any():
+        raise data.VolumeError(f"{image}: frame {frame} has no finite voxel (all NaN/Inf): nothing to visualise")
     if data.is_constant(data.fill_nonfinite(x[frame])):
         raise data.VolumeError(f"{image}: frame {frame} is constant (one value everywhere): nothing to visualise")
     img = data.normalize_percentile(data.fill_nonfinite(x[frame]))  # (H, W, D) in [-1, 1]
     if not -1 <= head < model.num_heads:
-        raise ValueError(f"--head {head}: the model has {model.num_heads} heads (-1 = mean)")
+        raise ConfigError(f"--head {head}: the model has {model.num_heads} heads (-1 = mean)")
     res = analyse(model, img, crop, resize, window, fg_threshold, device)
 
     back, file_affine = data.file_grid(image, affine, img.shape)
@@ -452,7 +455,7 @@ def first_volume(source) -> str:
             return str(Path(source) / entries[0]["file"])
     items = data.pretrain_sources(source)
     if not items:
-        raise FileNotFoundError(f"{source}: no volumes found")
+        raise data.VolumeError(f"{source}: no volumes found")
     return items[0]["image"]
 
 
@@ -491,7 +494,10 @@ def main(argv=None):
                     help="foreground = min-max scaled PC1 above this (0.5 = midpoint; -1 keeps every patch)")
     ap.add_argument("--tile", type=int, default=160, help="montage tile size in pixels (longest side)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = torch's default (all cores)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     image = first_volume(args.image)
     res = run(args.ckpt, image, args.out, args.head, args.window, args.resize, args.crop, args.frame,
               args.fg_threshold, args.device, args.tile)
@@ -504,4 +510,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import sys
+
+    sys.excepthook = _excepthook  # input errors (bad volume, bad option) print their message, no traceback
     main()
