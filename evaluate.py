@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import data
 import metrics
 import model
+from configurator import save_atomic
 
 TASK = "phantom linear-decoder segmentation (liver, kidneys, lesion), frozen last-4-block patch tokens"
 METRIC = "mean foreground Dice per test volume"
@@ -118,7 +118,7 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
            "n_train": n_train, "n_test": n_test, "size": size, "data_seed": data_seed, "init_seed": seed,
            "checkpoint": ckpt, "seconds": round(time.perf_counter() - t0, 1)}
     if out:
-        data._atomic_write(Path(out), lambda f: f.write(json.dumps(res, indent=1).encode()))
+        save_atomic(json.dumps(res, indent=1).encode(), out, write=lambda b, f: f.write(b))
     return res
 
 
