@@ -33,6 +33,10 @@ Every problem raises `ConfigError` (a ValueError) that names the key, and the fi
 `-h` / `--help` lists the keys with their defaults and comments and exits. Once `configure` has run, an input
 error (an exception class with `input_error = True`: ConfigError, data.VolumeError) ends the script with its
 message alone and exit code 1; a traceback is printed only for what is a bug.
+
+The run folder's guards live here too, one line each in the three training scripts: `check_out_dir` (no run is
+overwritten by mistake), `hold_out_dir` (one writer per folder; torchrun workers die with their launcher) and
+`save_atomic` (every checkpoint, export and result file: whole or not at all; a full disk says so).
 """
 
 import ast
@@ -146,7 +150,7 @@ def hold_out_dir(out_dir: str, rank: int = -1):
             who = f"pid {owner[0]} on host {owner[1]}" if len(owner) >= 2 else "another process"
             raise ConfigError(f"{out_dir} is in use: a run ({who}) is writing there now (lock {path}). Stop it "
                               f"first (a torchrun run: stop the launcher), or choose another --out_dir") from None
-        try:  # the owner we waited for may have removed the file meanwhile: lock the file that is there
+        try:  # the previous owner may have removed the file between our open and our flock: lock the one there
             same = os.path.samestat(os.fstat(fd), os.stat(path))
         except FileNotFoundError:
             same = False
@@ -156,8 +160,11 @@ def hold_out_dir(out_dir: str, rank: int = -1):
     old = os.read(fd, 200).decode(errors="replace").split()
     if len(old) >= 2 and old[0] != str(os.getpid()):
         print(f"note: {path}: taking over the lock of pid {old[0]} on host {old[1]} (no longer running)")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError:  # a full disk: the flock holds all the same, only the owner's name is missing
+        pass
     _held[out_dir] = fd
 
     def release():  # a clean exit leaves no .lock; a folder made only for it is removed again
@@ -197,7 +204,8 @@ def save_atomic(obj, path, write=None) -> None:
     """Write `obj` to `path` all at once or not at all: into path.tmp<pid>, then rename over `path`. Readers (and
     a resumed run) never see a half-written file; whatever goes wrong, the previous file at `path` is left as it
     was and the temp file is removed. write(obj, f) writes to the open binary file; default torch.save.
-    A full disk raises DiskFullError naming the file, not the writer's cryptic message."""
+    A full disk raises DiskFullError naming the file, not the writer's cryptic message (torch's own file writer
+    reports it as "[enforce fail at inline_container.cc] unexpected pos")."""
     if write is None:
         import torch
 
@@ -218,7 +226,7 @@ def save_atomic(obj, path, write=None) -> None:
 
 
 def _no_space(e: BaseException) -> bool:
-    """Is ENOSPC anywhere in the exception chain? torch.save re-raises a failed write as a RuntimeError."""
+    """Is ENOSPC anywhere in the exception chain (a writer may re-raise a failed write as another error)?"""
     while e is not None:
         if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
             return True
