@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from augment import sample_crop_box  # the RRC3D box lives with the rest of the augmentation
+from configurator import save_atomic  # the one atomic write of every script (full disk: a clear error)
 from data import VolumeError, case_name, load_volume, log, preprocess, pretrain_sources, seeded_generator
 from phantoms import SyntheticVolumes
 
@@ -82,13 +83,6 @@ def open_cache(source) -> dict:
     return index
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)  # readers never see a half-written file; a killed run leaves only *.tmp* litter
-
-
 def _prepare_one(source: str, out_dir: str, min_axis_size: int) -> tuple[list[dict], list[tuple[str, str]]]:
     """Worker: one source file -> (cache entries, rejected (name, reason)). Never raises for bad data."""
     entries, rejected = [], []
@@ -112,7 +106,7 @@ def _prepare_one(source: str, out_dir: str, min_axis_size: int) -> tuple[list[di
                                    f"(min_axis_size {min_axis_size})"))
             continue
         fname = f"{stem}-{tag}-f{c}.npy"
-        _atomic_write(Path(out_dir) / fname, lambda f: np.save(f, y.astype(np.float16)))
+        save_atomic(y.astype(np.float16), Path(out_dir) / fname, write=lambda a, f: np.save(f, a))
         entries.append({"file": fname, "shape": list(y.shape), "spacing": [float(s) for s in sp],
                         "source": source, "frame": c, "n_frames": int(x.shape[0])})
     return entries, rejected
@@ -178,7 +172,7 @@ def prepare(sources, out_dir, min_axis_size: int = 24, workers: int = 2,
         entries.sort(key=lambda e: (e["source"], e["frame"]))
         index = {"format": "nano3dino-cache", "version": version, "params": params, "entries": entries,
                  "rejected": [{"source": s, "reason": r} for s, r in rejected]}
-        _atomic_write(index_path, lambda f: f.write(json.dumps(index, indent=1).encode()))
+        save_atomic(json.dumps(index, indent=1).encode(), index_path, write=lambda b, f: f.write(b))
 
     n_new, last_save = 0, time.time()
     job = partial(_prepare_one, out_dir=str(out_dir), min_axis_size=min_axis_size)

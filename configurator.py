@@ -33,13 +33,22 @@ Every problem raises `ConfigError` (a ValueError) that names the key, and the fi
 `-h` / `--help` lists the keys with their defaults and comments and exits. Once `configure` has run, an input
 error (an exception class with `input_error = True`: ConfigError, data.VolumeError) ends the script with its
 message alone and exit code 1; a traceback is printed only for what is a bug.
+
+The run folder's guards live here too, one line each in the three training scripts: `check_out_dir` (no run is
+overwritten by mistake), `hold_out_dir` (one writer per folder; torchrun workers die with their launcher) and
+`save_atomic` (every checkpoint, export and result file: whole or not at all; a full disk says so).
 """
 
 import ast
+import atexit
 import difflib
+import errno
+import fcntl
 import os
 import re
 import resource
+import signal
+import socket
 import subprocess
 import sys
 
@@ -73,15 +82,28 @@ def print_help(namespace: dict, defaults: dict) -> None:
 
 def check_out_dir(out_dir: str, resume: bool, overwrite: bool, run_files, ckpt: str) -> None:
     """Refuse to write a run into a folder that already holds one, unless resuming or overwriting on purpose;
-    and a resume needs the checkpoint. Called before any work, so a mistake costs nothing."""
+    and a resume needs the checkpoint. Called before any work, so a mistake costs nothing. `ckpt` = "" for a
+    script that cannot resume. A folder whose only trace is a log.jsonl of its config line (a run that failed
+    before its first step) holds nothing to keep or resume: it is reused, with a note."""
+    if not str(out_dir).strip():
+        raise ConfigError("out_dir is empty: give the run a folder, e.g. --out_dir=out/run1")
     if resume:
         if not os.path.exists(os.path.join(out_dir, ckpt)):
             raise ConfigError(f"resume=True but there is no checkpoint {os.path.join(out_dir, ckpt)}")
         return
     found = [f for f in run_files if os.path.exists(os.path.join(out_dir, f))]
+    if found == ["log.jsonl"] and ckpt and not overwrite:
+        with open(os.path.join(out_dir, "log.jsonl"), errors="replace") as f:
+            n_lines = sum(1 for line in f if line.strip())
+        if n_lines <= 1:
+            print(f"note: {out_dir} holds only the log of a run that failed before its first step; starting afresh")
+            found = []
     if found and not overwrite:
-        raise ConfigError(f"{out_dir} already holds a run ({', '.join(found)}): continue it with --resume=True, "
-                          f"replace it with --overwrite=True, or choose another --out_dir")
+        has_ckpt = ckpt and os.path.exists(os.path.join(out_dir, ckpt))
+        advice = "continue it with --resume=True, " if has_ckpt else ""
+        why = "" if has_ckpt or not ckpt else f"; it saved no checkpoint ({ckpt}), so there is nothing to resume"
+        raise ConfigError(f"{out_dir} already holds a run ({', '.join(found)}){why}: {advice}replace it with "
+                          f"--overwrite=True, or choose another --out_dir")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ConfigError(f"out_dir {out_dir} exists and is not a folder")
     parent = os.path.dirname(os.path.abspath(out_dir))
@@ -89,6 +111,127 @@ def check_out_dir(out_dir: str, resume: bool, overwrite: bool, run_files, ckpt: 
         parent = os.path.dirname(parent)
     if not os.access(out_dir if os.path.isdir(out_dir) else parent, os.W_OK):
         raise ConfigError(f"out_dir {out_dir} is not writable")
+
+
+_held = {}  # out_dir -> the open lock file: the lock lasts as long as this process (the OS drops it at exit)
+
+
+def hold_out_dir(out_dir: str, rank: int = -1):
+    """One writer per run folder. rank: the torchrun RANK (-1 without torchrun).
+
+    The master process (rank -1 or 0) takes an exclusive flock on out_dir/.lock and writes its pid and host there
+    for as long as it lives; a second writer (a `--resume=True` while the run still goes on, a second start in
+    the same folder) is refused with the owner's pid and host. The OS drops a flock when its process dies, so a
+    killed run leaves no lock behind: its .lock file is taken over with a note. Under torchrun (rank >= 0) every
+    process also asks Linux to send it SIGTERM when its launcher dies (PR_SET_PDEATHSIG): killing torchrun alone
+    would otherwise leave the workers training and writing checkpoints. Returns the function that lets go (it
+    also runs at exit)."""
+    if not str(out_dir).strip():
+        raise ConfigError("out_dir is empty: give the run a folder, e.g. --out_dir=out/run1")
+    if rank >= 0:
+        _die_with_parent()
+    if rank > 0:
+        return lambda: None
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"out_dir {out_dir} exists and is not a folder")
+    made = not os.path.exists(out_dir)
+    path = os.path.join(out_dir, ".lock")
+    while True:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"out_dir {out_dir}: cannot create its lock file {path} ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.read(fd, 200).decode(errors="replace").split()
+            os.close(fd)
+            who = f"pid {owner[0]} on host {owner[1]}" if len(owner) >= 2 else "another process"
+            raise ConfigError(f"{out_dir} is in use: a run ({who}) is writing there now (lock {path}). Stop it "
+                              f"first (a torchrun run: stop the launcher), or choose another --out_dir") from None
+        try:  # the previous owner may have removed the file between our open and our flock: lock the one there
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    old = os.read(fd, 200).decode(errors="replace").split()
+    if len(old) >= 2 and old[0] != str(os.getpid()):
+        print(f"note: {path}: taking over the lock of pid {old[0]} on host {old[1]} (no longer running)")
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    except OSError:  # a full disk: the flock holds all the same, only the owner's name is missing
+        pass
+    _held[out_dir] = fd
+
+    def release():  # a clean exit leaves no .lock; a folder made only for it is removed again
+        if _held.get(out_dir) != fd:
+            return
+        try:
+            os.unlink(path)  # while still locked: a waiting writer then finds its file gone and retries
+            if made and not os.listdir(out_dir):
+                os.rmdir(out_dir)
+        except OSError:
+            pass
+        os.close(_held.pop(out_dir))
+
+    atexit.register(release)
+    return release
+
+
+def _die_with_parent() -> None:
+    """SIGTERM this process when its parent (the torchrun launcher) dies: Linux prctl(PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class DiskFullError(OSError):
+    """No space left while saving: the message names the file and says the previous one is intact."""
+
+    input_error = True  # printed without a traceback: the disk, not the code, is the problem
+
+
+def save_atomic(obj, path, write=None) -> None:
+    """Write `obj` to `path` all at once or not at all: into path.tmp<pid>, then rename over `path`. Readers (and
+    a resumed run) never see a half-written file; whatever goes wrong, the previous file at `path` is left as it
+    was and the temp file is removed. write(obj, f) writes to the open binary file; default torch.save.
+    A full disk raises DiskFullError naming the file, not the writer's cryptic message (torch's own file writer
+    reports it as "[enforce fail at inline_container.cc] unexpected pos")."""
+    if write is None:
+        import torch
+
+        write = torch.save
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(obj, f)
+        os.replace(tmp, path)  # only after the close: a full disk shows by then at the latest
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if _no_space(e):
+            before = f"the previous {path} is intact" if os.path.exists(path) else f"there was no previous {path}"
+            raise DiskFullError(errno.ENOSPC, f"no space left on device writing {path}; {before}") from e
+        raise
+
+
+def _no_space(e: BaseException) -> bool:
+    """Is ENOSPC anywhere in the exception chain (a writer may re-raise a failed write as another error)?"""
+    while e is not None:
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def git_sha() -> str | None:

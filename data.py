@@ -305,10 +305,67 @@ def find_volumes(spec) -> list[str]:
     return sorted(p for p in paths if _suffix(p) and os.path.isfile(p) and not os.path.basename(p).startswith("._"))
 
 
+LABEL_DIRS = ("labels", "labelsTr", "labelsTs")  # label-map folders (MSD, nnU-Net): never pretraining images
+
+
+def skip_label_maps(paths: list[str], spec) -> list[str]:
+    """The volumes of `paths` (found under the folder or glob `spec`) that are images: label maps are dropped,
+    with one summary line on the `data` logger. A label map is a file below a folder named as in LABEL_DIRS
+    (below `spec`'s own folder, so pointing at a label folder itself still reads it) or below the label_dir of a
+    dataset.json found beside or above it, or a file that dataset.json lists as a "label". Pretraining on label
+    maps would teach the ViT integer masks as if they were scans, and their foreground crop makes most of them
+    "too small", which hides the cause."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        root = Path(spec)
+    else:  # a glob: its folder part before the first wildcard
+        parts = Path(spec).parts
+        root = Path(*parts[: next((i for i, p in enumerate(parts) if any(c in p for c in "*?[")), len(parts))])
+    root = root.resolve()
+    label_names = {d.lower() for d in LABEL_DIRS}
+    label_dirs, label_files = {}, {}  # resolved path -> where it was declared
+    folders = {root} | {a for p in paths for a in Path(p).resolve().parents if a.is_relative_to(root)}
+    for folder in folders:
+        desc = folder / "dataset.json"
+        if not desc.is_file():
+            continue
+        try:
+            meta = json.loads(desc.read_text())
+        except Exception:
+            continue  # an unreadable description says nothing about labels; the folder rules still apply
+        if not isinstance(meta, dict):
+            continue
+        if isinstance(meta.get("label_dir"), str):
+            label_dirs[(folder / meta["label_dir"]).resolve()] = f"{meta['label_dir']}/ (label_dir of {desc})"
+        alts = [a for a in (meta.get("label_dir"), "labels", "labelsTr") if isinstance(a, str)]
+        for split in SPLITS:
+            for item in meta.get(split) or []:
+                if isinstance(item, dict) and isinstance(item.get("label"), str):
+                    label_files[Path(_resolve(item["label"], folder, alts)).resolve()] = f"listed as labels in {desc}"
+    images, skipped = [], {}
+    for p in paths:
+        full = Path(p).resolve()
+        rel = full.relative_to(root).parts[:-1] if full.is_relative_to(root) else ()
+        why = next((f"{d}/" for d in rel if d.lower() in label_names), None)
+        why = why or next((w for d, w in label_dirs.items() if full.is_relative_to(d)), None)
+        why = why or label_files.get(full)
+        if why:
+            skipped[why] = skipped.get(why, 0) + 1
+        else:
+            images.append(p)
+    if skipped:
+        where = ", ".join(f"{n} under {w}" if w.endswith("/") or "label_dir" in w else f"{n} {w}"
+                          for w, n in skipped.items())
+        log.info(f"skipped {sum(skipped.values())} label maps in {spec}: {where} (label maps are never "
+                 f"pretrained on)")
+    return images
+
+
 def pretrain_sources(spec) -> list[dict]:
     """What to pretrain on: a list of `{"image": path, ...}` (optionally "shape"/"spacing") from any of
     a pretraining JSON (list of {"image", "shape", "spacing"}), a finetuning JSON (the images of all splits),
     a folder, a glob, or a list of paths. Multi-channel items (a list of paths) give one source per channel.
+    A folder or glob gives its images: label maps (label folders, dataset.json labels) are skipped with a note.
     """
     if isinstance(spec, (list, tuple)):
         return [{"image": str(p)} for p in spec]
@@ -321,7 +378,7 @@ def pretrain_sources(spec) -> list[dict]:
                 images = item["image"] if isinstance(item["image"], list) else [item["image"]]
                 out += [{**item, "image": p} for p in images]  # "shape" (prepare's size filter) is kept
         return out
-    return [{"image": p} for p in find_volumes(spec)]
+    return [{"image": p} for p in skip_label_maps(find_volumes(spec), spec)]
 
 
 def _resolve(p, root: Path, alternatives) -> str:

@@ -23,17 +23,15 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cache
 import metrics
 import model
+from configurator import _excepthook, save_atomic
 from phantoms import SyntheticVolumes
-from configurator import _excepthook
 
 TASK = "phantom linear-decoder segmentation (liver, kidneys, lesion), frozen last-4-block patch tokens"
 METRIC = "mean foreground Dice per test volume"
@@ -132,7 +130,7 @@ def run(ckpt: str, out: str | None = None, n_train: int = 24, n_test: int = 40, 
            "n_train": n_train, "n_test": n_test, "size": size, "data_seed": data_seed, "init_seed": seed,
            "checkpoint": ckpt, "seconds": round(time.perf_counter() - t0, 1)}
     if out:
-        cache._atomic_write(Path(out), lambda f: f.write(json.dumps(res, indent=1).encode()))
+        save_atomic(json.dumps(res, indent=1).encode(), out, write=lambda b, f: f.write(b))
     return res
 
 

@@ -72,7 +72,7 @@ import losses
 import metrics
 import model
 import phantoms
-from configurator import ConfigError, check_out_dir, configure, git_sha, peak_rss_mb
+from configurator import ConfigError, check_out_dir, configure, git_sha, hold_out_dir, peak_rss_mb, save_atomic
 
 # -----------------------------------------------------------------------------
 # default config values: the paper's BTCV fine-tuning run
@@ -149,12 +149,14 @@ config = configure(globals(), sys.argv[1:])
 t_start = time.time()
 if threads > 0:
     torch.set_num_threads(threads)
-if not isinstance(max_iters, int) or max_iters < 1:
-    raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
+for key in ("max_iters", "eval_interval", "log_interval"):  # each an iteration count, used with %
+    if not isinstance(config[key], int) or config[key] < 1:
+        raise ConfigError(f"{key} must be a positive int, got {config[key]!r}")
 if dtype not in ("auto", "bfloat16", "float16", "float32"):
     raise ConfigError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
+hold_out_dir(out_dir, int(os.environ.get("RANK", -1)))  # one writer per folder; torchrun ranks die with the launcher
 check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "best.pt", "results.json"), "ckpt.pt")
 n_out = len(regions) if regions else num_classes  # output channels of the head
 if loss not in ("dice_ce", "dice", "sigmoid_dice"):
@@ -427,11 +429,6 @@ def get_lr(it):
 
 # -----------------------------------------------------------------------------
 # resume
-
-
-def save_atomic(obj, path):
-    torch.save(obj, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)  # a killed run leaves the previous file intact
 
 
 ckpt_path, best_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "best.pt")

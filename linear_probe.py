@@ -108,14 +108,17 @@ select_metric = "accuracy"  # "accuracy" (reference: top-1 on validation) or "au
 device = "cuda" if torch.cuda.is_available() else "cpu"
 threads = 0  # torch CPU threads for the feature pass; 0 = torch's default (the classifiers always use 1 on CPU)
 # -----------------------------------------------------------------------------
-from configurator import ConfigError, check_out_dir, configure, git_sha, peak_rss_mb  # noqa: E402
+from configurator import (ConfigError, check_out_dir, configure, git_sha, hold_out_dir, peak_rss_mb,  # noqa: E402
+                          save_atomic)
 
 config = configure(globals(), sys.argv[1:])
-check_out_dir(out_dir, False, overwrite, ("results.json", "log.jsonl", "classifiers.pt"), "")
+hold_out_dir(out_dir)  # one writer per folder (the probe is one process, never a torchrun rank)
+check_out_dir(out_dir, False, overwrite, ("results.json", "log.jsonl", "classifiers.pt"), "")  # it cannot resume
 if threads > 0:
     torch.set_num_threads(threads)
-if not isinstance(max_iters, int) or max_iters < 1:
-    raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
+for key in ("max_iters", "eval_interval", "n_runs", "batch_size"):
+    if not isinstance(config[key], int) or config[key] < 1:
+        raise ConfigError(f"{key} must be a positive int, got {config[key]!r}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
 # derived values, visible after the overrides
@@ -532,8 +535,8 @@ results = {"config": config, "git_sha": git_sha(),
                         "args": backbone.args},
            "heads": heads_desc, "feature_dims": dims, "feature_seconds": feature_seconds,
            "runs": runs, "summary": summary, "wall_seconds": time.time() - t_start}
-with open(os.path.join(out_dir, "results.json"), "w") as fh:
-    json.dump(results, fh, indent=1)
-torch.save(selected, os.path.join(out_dir, "classifiers.pt"))
+save_atomic(json.dumps(results, indent=1).encode(), os.path.join(out_dir, "results.json"),
+            write=lambda b, f: f.write(b))
+save_atomic(selected, os.path.join(out_dir, "classifiers.pt"))
 print(" ".join(f"{m} {s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]" for m, s in summary.items())
       + f" over {n_runs} runs; {results['wall_seconds']:.0f} s; {os.path.join(out_dir, 'results.json')}")

@@ -119,23 +119,27 @@ dtype = "auto"  # autocast dtype: "bfloat16" or "float32"; "auto" = bfloat16 on 
 compile = False  # torch.compile every transformer block of the student and teacher backbones
 threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
 # -----------------------------------------------------------------------------
-from configurator import ConfigError, check_out_dir, configure, git_sha, peak_rss_mb  # noqa: E402
+from configurator import (ConfigError, check_out_dir, configure, git_sha, hold_out_dir, peak_rss_mb,  # noqa: E402
+                          save_atomic)
 
 config = configure(globals(), sys.argv[1:])
 t_start = time.time()
 if threads > 0:
     torch.set_num_threads(threads)
-if not isinstance(max_iters, int) or max_iters < 1:
-    raise ConfigError(f"max_iters must be a positive int, got {max_iters!r}")
+for key in ("max_iters", "log_interval", "ckpt_interval", "export_interval"):  # each a step count, used with %
+    if not isinstance(config[key], int) or config[key] < 1:
+        raise ConfigError(f"{key} must be a positive int, got {config[key]!r}")
 if dtype not in ("auto", "bfloat16", "float32"):
     # fp16 would need loss scaling (the reference's GradScaler); bf16 has fp32's range and needs none
     raise ConfigError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
 if data_path and not any(c in data_path for c in "*?[") and not os.path.exists(data_path):  # (globs: when read)
-    raise ConfigError(f"data_path {data_path}: no such file or folder (expected a prepared cache folder, a datalist "
-                      "JSON, a folder or a glob of volumes)")
-# before any rank writes (the DDP rendezvous below waits for every rank to get past this)
+    raise ConfigError(f"data_path {data_path}: no such file or folder (expected a cache folder written by "
+                      "`python cache.py prepare`)")
+# before any rank writes (the DDP rendezvous below waits for every rank to get past this); the master process holds
+# out_dir for the run's life (a second writer is refused), and under torchrun every rank dies with its launcher
+hold_out_dir(out_dir, int(os.environ.get("RANK", -1)))
 check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "teacher_backbone.pt"), "ckpt.pt")
 
 # -----------------------------------------------------------------------------
@@ -307,12 +311,6 @@ teacher_params = [p for p in teacher.parameters()]
 
 # -----------------------------------------------------------------------------
 # resume
-
-
-def save_atomic(obj, path):
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a killed run leaves the previous file intact
 
 
 ckpt_path = os.path.join(out_dir, "ckpt.pt")

@@ -221,3 +221,120 @@ def test_data_show_names_the_files_own_orientation_and_fails_on_bad_files(tmp_pa
     assert "file orientation LAS" in p.stdout and "after reorienting to RAS" in p.stdout
     assert f"{nan}: " in p.stdout and "no finite voxel" in p.stdout  # the listing goes on past it
     assert p.returncode == 1
+
+
+# ---- label maps are never pretraining images -------------------------------------------------------------------
+
+def test_label_maps_are_not_pretraining_images(tmp_path, caplog):
+    """A dataset folder read recursively used to hand its label maps to pretraining as scans (hippocampus: 200
+    of 400 sources). Label folders, a dataset.json's label_dir and the labels it lists are skipped, with one
+    summary line on the `data` logger."""
+    vol = nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4))
+    for sub in ("imagesTr", "imagesTs", "labelsTr", "labelsTs", "extra/labels", "masks", "segs", "more"):
+        (tmp_path / sub).mkdir(parents=True)
+    for i in range(2):
+        nib.save(vol, tmp_path / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(vol, tmp_path / "labelsTr" / f"c{i}.nii.gz")
+    nib.save(vol, tmp_path / "imagesTs" / "t.nii.gz")
+    nib.save(vol, tmp_path / "labelsTs" / "t.nii.gz")
+    nib.save(vol, tmp_path / "extra" / "labels" / "e.nii.gz")
+    nib.save(vol, tmp_path / "masks" / "m.nii.gz")  # the label_dir below
+    nib.save(vol, tmp_path / "segs" / "s.nii.gz")  # listed as a label below
+    nib.save(vol, tmp_path / "more" / "scan.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "label_dir": "masks", "training": [{"image": "more/scan.nii.gz", "label": "segs/s.nii.gz"}]}))
+    images = sorted(str(tmp_path / p) for p in ("imagesTr/c0.nii.gz", "imagesTr/c1.nii.gz", "imagesTs/t.nii.gz",
+                                                "more/scan.nii.gz"))
+    with caplog.at_level("INFO", logger="data"):
+        assert sorted(s["image"] for s in data.pretrain_sources(tmp_path)) == images
+    lines = [r.getMessage() for r in caplog.records if "label maps" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"skipped 6 label maps in {tmp_path}: ")
+    for part in ("2 under labelsTr/", "1 under labelsTs/", "1 under labels/", "1 under masks/ (label_dir of",
+                 "1 listed as labels in", "(label maps are never pretrained on)"):
+        assert part in lines[0], (part, lines[0])
+    # a glob and make-datalist give the same images; pointing at a label folder itself still reads it
+    assert sorted(s["image"] for s in data.pretrain_sources(str(tmp_path / "**" / "*.nii.gz"))) == images
+    assert sorted(i["image"] for i in data.make_datalist(tmp_path)[0]) == images
+    assert len(data.pretrain_sources(tmp_path / "labelsTr")) == 2
+
+
+@requires_shared
+def test_hippocampus_folder_pretrains_on_its_200_images_only(tmp_path):
+    from conftest import DATA
+
+    hip = DATA / "msd_hippocampus"
+    sources = [s["image"] for s in data.pretrain_sources(hip)]
+    assert len(sources) == 200 and all("/images/" in s for s in sources)  # not the 200 label maps
+    p = script(ROOT / "data.py", "prepare", "--datalist", hip, "--out", tmp_path / "cache", "--workers=1",
+               "--min_axis_size=8")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "skipped 200 label maps" in p.stderr and "under labels/" in p.stderr
+    entries = data.load_index(tmp_path / "cache")["entries"]
+    assert len(entries) == 200 and not [e for e in entries if "/labels/" in e["source"]]
+
+
+# ---- crashes and wrong advice ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, key", [
+    (["pretrain.py", *TINY_PRETRAIN], "log_interval"),
+    (["pretrain.py", *TINY_PRETRAIN], "ckpt_interval"),
+    (["pretrain.py", *TINY_PRETRAIN], "export_interval"),
+    (["finetune_seg.py", "configs/seg_synthetic.py"], "eval_interval"),
+    (["finetune_seg.py", "configs/seg_synthetic.py"], "log_interval"),
+    (["linear_probe.py", "configs/probe_synthetic.py"], "eval_interval"),
+    (["linear_probe.py", "configs/probe_synthetic.py"], "n_runs"),
+])
+def test_zero_intervals_and_counts_are_input_errors(tmp_path, argv, key):
+    """Each used to crash after the set-up (ZeroDivisionError; the probe's n_runs=0: 'need at least one array')."""
+    p = script(ROOT / argv[0], *argv[1:], "--max_iters=2", f"--{key}=0", f"--out_dir={tmp_path / 'run'}")
+    assert_input_error(p, f"{key} must be a positive int, got 0")
+    assert not (tmp_path / "run").exists()  # refused before any work: nothing written
+
+
+@pytest.mark.parametrize("argv", [["pretrain.py", *TINY_PRETRAIN], ["finetune_seg.py", "configs/seg_synthetic.py"],
+                                  ["linear_probe.py", "configs/probe_synthetic.py"]])
+def test_an_empty_out_dir_is_an_input_error(argv):
+    p = script(ROOT / argv[0], *argv[1:], "--out_dir=")  # used to end in FileNotFoundError: ''
+    assert_input_error(p, "out_dir is empty")
+
+
+def test_the_probe_does_not_advise_a_resume_it_lacks(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    p = script(ROOT / "linear_probe.py", "configs/probe_synthetic.py", f"--out_dir={tmp_path}")
+    assert_input_error(p, "already holds a run (results.json)", "--overwrite=True")
+    assert "resume" not in p.stderr
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(tmp_path, capsys):
+    """The guard used to refuse it and advise --resume=True, which then failed (no checkpoint)."""
+    from configurator import ConfigError, check_out_dir
+
+    files = ("log.jsonl", "ckpt.pt", "teacher_backbone.pt")
+    (tmp_path / "log.jsonl").write_text(json.dumps({"config": {}, "git_sha": None}) + "\n")
+    check_out_dir(str(tmp_path), False, False, files, "ckpt.pt")  # only the header: nothing to keep or resume
+    assert "failed before its first step; starting afresh" in capsys.readouterr().out
+    # a run that logged steps but saved no checkpoint is kept; the advice is --overwrite, not --resume
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 10, "loss": 9.0}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        check_out_dir(str(tmp_path), False, False, files, "ckpt.pt")
+    assert "saved no checkpoint (ckpt.pt), so there is nothing to resume" in str(e.value)
+    assert "--overwrite=True" in str(e.value) and "--resume=True" not in str(e.value)
+    (tmp_path / "ckpt.pt").write_bytes(b"x")  # with a checkpoint, a resume is the first advice
+    with pytest.raises(ConfigError, match="continue it with --resume=True, replace it with --overwrite=True"):
+        check_out_dir(str(tmp_path), False, False, files, "ckpt.pt")
+
+
+@pytest.mark.slow
+def test_a_pretraining_that_failed_at_the_start_can_be_rerun_in_its_folder(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.npy").write_text("not an array")
+    out = tmp_path / "run"
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=1", f"--data_path={bad}", f"--out_dir={out}",
+               "--threads=1")
+    assert p.returncode != 0 and (out / "log.jsonl").is_file() and not (out / "ckpt.pt").exists()
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=1", f"--out_dir={out}", "--threads=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / "ckpt.pt").is_file() and not (out / ".lock").exists()
