@@ -61,7 +61,6 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import adapter
