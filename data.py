@@ -349,7 +349,7 @@ def _pair_folder(root: Path, image_dir=None, label_dir=None) -> dict:
     return dl
 
 
-def read_datalist(path) -> dict:
+def read_datalist(path, root=None) -> dict:
     """A finetuning datalist as {"training": [...], "validation": [...], "test": [...]} with absolute paths.
 
     Accepts: the reference's JSON (items {"image": path | [channel paths], "label": path | int, ...}; BraTS-style
@@ -357,13 +357,18 @@ def read_datalist(path) -> dict:
     "test" as a list of plain paths; a path that is not on disk is looked up by file name in the JSON's
     "image_dir"/"label_dir" or images/, labels/, imagesTr/, labelsTr/), a dataset.json without item lists (pairs
     image_dir/x with label_dir/x), a folder (its dataset.json, else images/ + labels/ pairs, else all volumes),
-    or a pretraining JSON list (unlabeled training items). Relative paths are relative to the JSON's folder.
-    Every item gets a "label" key (None when unlabeled); other keys (e.g. "age") are kept.
+    or a pretraining JSON list (unlabeled training items). Relative paths are relative to `root` (the dataset's
+    folder, e.g. a downloaded MSD Task04_Hippocampus), by default to the JSON's folder: a split file that lists
+    "imagesTr/x.nii.gz" then serves any copy of the dataset. Every item gets a "label" key (None when unlabeled);
+    other keys (e.g. "age") are kept.
     """
     path = Path(path)
+    if root is not None and not Path(root).is_dir():
+        raise VolumeError(f"{root}: data_root not found (the dataset folder that {path}'s relative paths "
+                          "are under; docs/datasets.md says where to download each dataset)")
     if path.is_dir():
         if (path / "dataset.json").is_file():
-            return read_datalist(path / "dataset.json")
+            return read_datalist(path / "dataset.json", root)
         return _pair_folder(path)
     if not path.is_file():
         raise VolumeError(f"{path}: datalist not found")
@@ -371,7 +376,7 @@ def read_datalist(path) -> dict:
         meta = json.loads(path.read_text())
     except Exception as e:
         raise VolumeError(f"{path}: not a readable JSON datalist ({e})") from None
-    root = path.parent
+    root = Path(root) if root is not None else path.parent
     if isinstance(meta, list):
         meta = {"training": meta}
     if not isinstance(meta, dict):

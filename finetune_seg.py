@@ -85,6 +85,7 @@ save_predictions = True  # write the test predictions as NIfTI into out_dir/pred
 seed = 0
 # data
 datalist = ""  # JSON {"training", "validation", "test"} of {"image": path | [paths], "label": path}; "" = synthetic
+data_root = ""  # the dataset folder the datalist's relative paths are under; "" = the datalist's own folder
 in_chans = 1  # channels per case (files in an "image" list, or the 4th axis of one file); checked for every case
 num_classes = 14  # label values 0..num_classes-1, 0 = background (BTCV: 13 organs + background)
 class_names = None  # optional names of classes 1.. (or of the regions) for results.json
@@ -290,7 +291,7 @@ class TrainCrops(torch.utils.data.Dataset):
 # -----------------------------------------------------------------------------
 # data: the datalist (or synthetic phantoms), the label fraction, checks of every case before anything trains
 if datalist:
-    dl = data.read_datalist(datalist)
+    dl = data.read_datalist(datalist, root=data_root or None)
 else:
     if num_classes != phantoms.SyntheticVolumes.num_classes or in_chans != 1:
         raise ConfigError(f"synthetic phantoms have {phantoms.SyntheticVolumes.num_classes} classes and 1 channel; "

@@ -71,6 +71,7 @@ seed = 0  # run r uses seed + r: classifier init, batch order, training subset, 
 n_runs = 5  # the paper reports 5 randomised runs
 # data
 datalist = ""  # JSON {"training","validation","test"} of {"image", "label": int}, a dataset folder; "" = phantoms
+data_root = ""  # the dataset folder the datalist's relative paths are under; "" = the datalist's own folder
 num_classes = 2  # labels must be ints in [0, num_classes)
 class_names = ()  # names for the report, e.g. ("Normal", "COVID-19", "Cap"); () = "0", "1", ...
 label_from_map = 0  # > 0: derive a binary label from each case's label map: 1 if its count of voxels equal to this
@@ -152,7 +153,7 @@ def case_name(item):
 
 
 if datalist:
-    dl = data.read_datalist(datalist)
+    dl = data.read_datalist(datalist, root=data_root or None)
     cases = dl["training"] + dl["validation"] + dl["test"]
     listed = [np.arange(len(dl["training"])), len(dl["training"]) + np.arange(len(dl["validation"])),
               len(dl["training"]) + len(dl["validation"]) + np.arange(len(dl["test"]))]

@@ -443,11 +443,13 @@ def split_checkpoint(obj) -> dict:
     """Bring any supported checkpoint to {"backbone": sd, "dino_head": sd, "ibot_head": sd} with our key names.
 
     Accepted: the reference 3DINO teacher checkpoint {"teacher": {"backbone.…", "dino_head.…", "ibot_head.…"}}
-    (chunked block keys `blocks.{c}.{i}.…`), our full training checkpoint {"teacher": …, "student": …, …}
-    (the teacher is used), our teacher export {"teacher": …, "model_args": …}, {"model": sd}, or a bare backbone
-    state dict. Prefixes `module.` (DDP) and `_orig_mod.` (torch.compile) are stripped; chunked block keys are
-    flattened (`blocks.1.6.attn…` -> `blocks.6.attn…`); `last_layer.parametrizations.weight.original0/1`
-    (new weight_norm API) become `weight_g/weight_v`. Keys that fit nowhere are kept under "unexpected"."""
+    (chunked block keys `blocks.{c}.{i}.…`; the authors' released 3DINO-ViT file), our full training checkpoint
+    {"teacher": …, "student": …, …} (the teacher is used), our teacher export {"teacher": …, "model_args": …},
+    {"model": sd}, {"state_dict": sd}, or a bare backbone state dict, each with or without the `backbone.` prefix
+    (without it, keys that are not `dino_head.…` / `ibot_head.…` are the backbone's). Prefixes `module.` (DDP) and
+    `_orig_mod.` (torch.compile) are stripped; chunked block keys are flattened (`blocks.1.6.attn…` ->
+    `blocks.6.attn…`); `last_layer.parametrizations.weight.original0/1` (new weight_norm API) become
+    `weight_g/weight_v`. Keys that fit nowhere are kept under "unexpected"."""
     sd = obj
     for key in ("teacher", "model", "state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -456,14 +458,13 @@ def split_checkpoint(obj) -> dict:
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError("not a state dict: expected tensors (or a dict with 'teacher' / 'model' holding them)")
     parts = {"backbone": {}, "dino_head": {}, "ibot_head": {}, "unexpected": {}}
-    has_prefix = any(k.split(".")[0] in ("backbone", "dino_head", "ibot_head")
-                     for k in (re.sub(r"^(module\.|_orig_mod\.)+", "", k) for k in sd))
+    has_prefix = any(re.sub(r"^(module\.|_orig_mod\.)+", "", k).startswith("backbone.") for k in sd)
     for k, v in sd.items():
         k = re.sub(r"^(module\.|_orig_mod\.)+", "", k)
         k = k.replace("parametrizations.weight.original0", "weight_g")
         k = k.replace("parametrizations.weight.original1", "weight_v")
         part, _, rest = k.partition(".")
-        if not has_prefix:
+        if not has_prefix and part not in ("dino_head", "ibot_head"):
             part, rest = "backbone", k
         if part not in ("backbone", "dino_head", "ibot_head"):
             parts["unexpected"][k] = v
@@ -478,30 +479,35 @@ def _load_strict(module: nn.Module, sd: dict, what: str):
     missing = sorted(set(module.state_dict()) - set(sd))
     unexpected = sorted(set(sd) - set(module.state_dict()))
     if missing or unexpected:
-        raise ValueError(f"{what}: checkpoint does not fit the model — missing keys {missing[:10]}"
+        raise CheckpointError(f"{what}: checkpoint does not fit the model — missing keys {missing[:10]}"
                          f"{' …' if len(missing) > 10 else ''}; unexpected keys {unexpected[:10]}"
                          f"{' …' if len(unexpected) > 10 else ''}")
     own = module.state_dict()
     wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}" for k, v in sd.items()
              if v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{what}: shape mismatch for " + "; ".join(wrong[:10]))
+        raise CheckpointError(f"{what}: shape mismatch for " + "; ".join(wrong[:10]))
     module.load_state_dict(sd, strict=True)
 
 
-def load_pretrained(model: ViT3D, path_or_state_dict, dino_head: nn.Module = None, ibot_head: nn.Module = None):
+def load_pretrained(model: ViT3D, path_or_state_dict, dino_head: nn.Module = None, ibot_head: nn.Module = None,
+                    name: str = None):
     """Load a checkpoint (see `split_checkpoint` for the formats) into `model`, strictly: every backbone key must
     match (missing / unexpected keys are reported by name). The position embedding is resized to the model's grid
     when the checkpoint was trained at another crop size (same recipe as the reference's high-res stage).
     Head weights are loaded into `dino_head` / `ibot_head` when given, otherwise ignored (as the reference's
-    evaluation tools do). Files are read with weights_only=True: no pickled code runs."""
-    what = str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict"
+    evaluation tools do). Files are read with weights_only=True: no pickled code runs. Errors are CheckpointErrors
+    that start with `name` (default: the path) and name the keys: a backbone is never left partly random."""
+    what = name or (str(path_or_state_dict) if not isinstance(path_or_state_dict, dict) else "state dict")
     obj = path_or_state_dict
     if not isinstance(obj, dict):
         obj = load_checkpoint(obj)
-    parts = split_checkpoint(obj)
+    try:
+        parts = split_checkpoint(obj)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
     if parts["unexpected"]:
-        raise ValueError(f"{what}: unexpected keys {sorted(parts['unexpected'])[:10]}")
+        raise CheckpointError(f"{what}: unexpected keys {sorted(parts['unexpected'])[:10]}")
     sd = dict(parts["backbone"])
     if "pos_embed" in sd and sd["pos_embed"].shape != model.pos_embed.shape:
         g = round((model.pos_embed.shape[1] - 1) ** (1 / 3))
@@ -510,7 +516,7 @@ def load_pretrained(model: ViT3D, path_or_state_dict, dino_head: nn.Module = Non
     for head, name in ((dino_head, "dino_head"), (ibot_head, "ibot_head")):
         if head is not None:
             if not parts[name]:
-                raise ValueError(f"{what}: no {name} weights in this checkpoint")
+                raise CheckpointError(f"{what}: no {name} weights in this checkpoint")
             _load_strict(head, parts[name], f"{what} ({name})")
     return model
 
@@ -525,8 +531,11 @@ def vit_from_checkpoint(path_or_state_dict, **overrides) -> ViT3D:
         obj = load_checkpoint(obj)
     args = dict(obj.get("model_args", {})) if isinstance(obj, dict) else {}
     if not args:
-        sd = split_checkpoint(obj)["backbone"]
-        if "patch_embed.proj.weight" not in sd or "pos_embed" not in sd:
+        try:
+            sd = split_checkpoint(obj)["backbone"]
+        except CheckpointError as e:
+            raise CheckpointError(f"{what}: {e}") from None
+        if not {"patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"} <= set(sd):
             shown = ", ".join(sorted(sd)[:4])
             raise CheckpointError(f"{what}: no ViT backbone in it (keys like {shown}, ...). A backbone comes from "
                                   "pretrain.py's teacher_backbone.pt / ckpt.pt or a 3DINO teacher checkpoint; a "
@@ -537,7 +546,7 @@ def vit_from_checkpoint(path_or_state_dict, **overrides) -> ViT3D:
         args = dict(img_size=g * p, patch_size=p, in_chans=C, embed_dim=E, depth=depth, num_heads=E // 64,
                     mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / E)
     args.update(overrides)
-    return load_pretrained(ViT3D(**args), obj)
+    return load_pretrained(ViT3D(**args), obj, name=what)
 
 
 def random_init_like(ckpt, seed: int) -> ViT3D:

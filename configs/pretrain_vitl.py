@@ -1,6 +1,8 @@
 # The paper's standard pretraining (stage 1): ViT-L/16, 2 x 96^3 + 8 x 48^3 crops, 125k iterations, batch 512
 # on 4 x A100-80GB (128 per GPU), about 10 days. These are also pretrain.py's defaults; spelled out for reference.
 # torchrun --standalone --nproc_per_node=4 pretrain.py configs/pretrain_vitl.py --data_path=cache/
+# The paper's ~100k CT/MRI volumes come from many public sources, not one download: prepare your own volumes
+# (docs/datasets.md), or start from the authors' weights (docs/pretrained_weights.md).
 out_dir = "out/vitl"
 data_path = "cache/"  # a folder prepared by `python cache.py prepare --datalist list.json --out cache/`
 arch = "vit_large"

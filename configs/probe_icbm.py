@@ -2,6 +2,8 @@
 # The datalist is the reference's JSON: {"training", "validation", "test"} lists of
 # {"image": "path/to/subject.nii.gz", "label": k} with ages 20-60 binned [20,30) -> 0, [30,40) -> 1, [40,50) -> 2,
 # [50,60] -> 3 (the reference skull-strips with *_mask.nii.gz first; do that when writing the datalist).
+# Data: ICBM (International Consortium for Brain Mapping) T1 scans from the LONI Image and Data Archive
+# (https://ida.loni.usc.edu, by application; see the download page for its terms).
 #   python linear_probe.py configs/probe_icbm.py --datalist=icbm.json --pretrained=3dino_vitl.pth
 out_dir = "out/probe_icbm"
 num_classes = 4

@@ -3,6 +3,9 @@
 #       --pretrained=teacher_checkpoint.pth
 # Datalist items: {"image": [t1, t1ce, t2, flair] (or "image1".."image4"), "label": seg}. The three sigmoid
 # outputs are the overlapping regions tumour core, whole tumour, enhancing tumour.
+# Data: BraTS 2021 (RSNA-ASNR-MICCAI challenge, https://www.synapse.org/brats2021 ; see the download page for its
+# terms) or MSD Task01_BrainTumour (http://medicaldecathlon.com/, CC BY-SA 4.0: one 4-channel file per case, other
+# label values, see `regions`); docs/datasets.md writes the datalist of either in one command.
 out_dir = "out/seg_brats"
 datalist = "data/brats/datalist.json"
 in_chans = 4  # every case must have exactly 4 channels (checked up front)

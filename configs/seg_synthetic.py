@@ -1,5 +1,5 @@
-# CPU smoke run: synthetic phantoms (phantoms.SyntheticVolumes: liver, kidneys, lesions), no files needed, ~40 s on
-# 2 cores. A tiny random-init ViT with patch 8 on 32^3 crops: the adapter's CNN path and the decoder do the
+# CPU smoke run: synthetic phantoms (phantoms.SyntheticVolumes: liver, kidneys, lesions), no files needed, under a minute
+# on 2 cores. A tiny random-init ViT with patch 8 on 32^3 crops: the adapter's CNN path and the decoder do the
 # learning. 60 steps learn the liver well above chance (its brightness depends on the phantom's contrast phase);
 # the small kidneys and lesions need far longer runs.
 out_dir = "out/seg_synthetic"

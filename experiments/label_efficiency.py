@@ -1,7 +1,8 @@
 """
 experiments/label_efficiency.py — the paper's Fig. 2 protocol at laptop scale, on real data (MSD hippocampus).
 
-    python experiments/label_efficiency.py              # every stage: 18 finetuning runs, a few hours on 2 CPU cores
+    python experiments/label_efficiency.py --data_root=data/Task04_Hippocampus   # every stage: 18 finetuning runs,
+                                                                                 # a few hours on 2 CPU cores
     python experiments/label_efficiency.py --fractions 0.1 1.0 --seg_iters 200    # a shorter variant
     python experiments/label_efficiency.py --protocols adapter                    # one protocol (the old experiment)
 
@@ -50,6 +51,8 @@ PROTOCOLS = {  # name -> (what, finetune_seg.py options on top of configs/seg_hi
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--out", default="out/label_efficiency")
+p.add_argument("--data_root", default="data/Task04_Hippocampus",
+               help="the MSD Task04_Hippocampus folder (docs/datasets.md); here: ../shared/data/msd_hippocampus")
 p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
 p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS),
                help="segmentation protocols to run, a subset of %(choices)s (default: all three)")
@@ -78,7 +81,7 @@ def run(name, cmd, done_file):
 
 
 # --- 1. the unlabeled training images -> prepared cache ---------------------------------------------------------
-split = data.read_datalist("data_splits/msd_hippocampus.json")
+split = data.read_datalist("data_splits/msd_hippocampus.json", root=args.data_root)
 train_images = os.path.join(out, "pretrain_images.json")
 with open(train_images, "w") as f:  # the training images only: validation and test cases stay unseen
     json.dump([{"image": os.path.abspath(c["image"])} for c in split["training"]], f)
@@ -107,7 +110,7 @@ for proto in args.protocols:
         for init, init_opts in INITS.items():
             d = os.path.join(out, f"seg_{proto}_{init}_{frac:g}")
             cmd = (["finetune_seg.py", "configs/seg_hippocampus.py", f"--out_dir={d}", f"--label_fraction={frac}",
-                    f"--seed={args.seed}"] + PROTOCOLS[proto][1] + init_opts)
+                    f"--data_root={args.data_root}", f"--seed={args.seed}"] + PROTOCOLS[proto][1] + init_opts)
             if args.seg_iters:
                 cmd.append(f"--max_iters={args.seg_iters}")
             if os.path.exists(os.path.join(d, "ckpt.pt")) and not os.path.exists(os.path.join(d, "results.json")):
@@ -122,7 +125,8 @@ probe = {}
 for init in ("pretrained", "random"):
     d = os.path.join(out, f"probe_{init}")
     cmd = ["linear_probe.py", "configs/probe_hippocampus.py", f"--out_dir={d}", f"--pretrained={teacher}",
-           f"--seed={args.seed}"] + (["--random_init=True"] if init == "random" else [])
+           f"--data_root={args.data_root}", f"--seed={args.seed}"]
+    cmd += ["--random_init=True"] if init == "random" else []
     run(f"probe {init}", cmd, os.path.join(d, "results.json"))
     probe[init] = json.load(open(os.path.join(d, "results.json")))
 

@@ -8,8 +8,8 @@ trilinearly as LinearHead upsamples its logits, and each voxel takes the argmax 
 (w < 1 favours foreground, as a Dice-trained head can learn through its bias). The mean foreground Dice of that
 oracle on the validation cases is the ceiling for any linear decoder at that patch size and spacing.
 
-    python experiments/linear_decoder_ceiling.py                     # MSD hippocampus, patch 8, 1 mm and 0.5 mm
-    python experiments/linear_decoder_ceiling.py --spacings 1 0.5 0.33 --patch 8
+    python experiments/linear_decoder_ceiling.py --data_root=data/Task04_Hippocampus   # patch 8, 1 mm and 0.5 mm
+    python experiments/linear_decoder_ceiling.py --data_root=... --spacings 1 0.5 0.33 --patch 8
 
 Validation split only (data_splits/msd_hippocampus.json); nothing here looks at the test cases.
 """
@@ -28,6 +28,8 @@ import metrics  # noqa: E402
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--datalist", default=os.path.join(ROOT, "data_splits/msd_hippocampus.json"))
+ap.add_argument("--data_root", default="data/Task04_Hippocampus",
+                help="the MSD Task04_Hippocampus folder (docs/datasets.md); here: ../shared/data/msd_hippocampus")
 ap.add_argument("--num_classes", type=int, default=3)
 ap.add_argument("--patch", type=int, default=8)
 ap.add_argument("--spacings", type=float, nargs="+", default=[1.0, 0.5], help="isotropic target spacings (mm)")
@@ -35,7 +37,7 @@ ap.add_argument("--bg_weights", type=float, nargs="+", default=[1.0, 0.5, 0.3, 0
 args = ap.parse_args()
 
 K, P = args.num_classes, args.patch
-items = data.read_datalist(args.datalist)["validation"]
+items = data.read_datalist(args.datalist, root=args.data_root)["validation"]
 print(f"{len(items)} validation cases, patch {P}; mean foreground Dice of the per-token oracle")
 print(f"{'spacing':>8s} {'tokens/case':>12s} {'fg voxels/token':>16s} " + " ".join(f"{'w=' + str(w):>7s}" for w in args.bg_weights))
 for sp in args.spacings:

@@ -17,6 +17,7 @@ from conftest import ROOT
 
 import adapter
 import data
+import phantoms
 import metrics
 import model
 import segment
@@ -209,7 +210,7 @@ def run(tmp_path_factory):
     affine[:3, 3] = [-30, 12, 40]
     dl = {}
     for s, (split, k) in enumerate(zip(data.SPLITS, (4, 1, 1))):
-        vols = data.SyntheticVolumes(k, (40, 44, 36), seed=200 + s, with_labels=True)
+        vols = phantoms.SyntheticVolumes(k, (40, 44, 36), seed=200 + s, with_labels=True)
         dl[split] = [{"image": _write(tmp / f"{split}_{i}_img.nii.gz", vols[i]["image"][0].numpy(), affine),
                       "label": _write(tmp / f"{split}_{i}_lab.nii.gz", vols[i]["label"].numpy().astype(np.uint8),
                                       affine)} for i in range(k)]
