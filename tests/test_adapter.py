@@ -349,7 +349,8 @@ def test_gaussian_blending_weights_the_window_centre():
 
     def run(blend):
         calls = iter([0.0, 1.0])  # window 0 (rows 0-7) says 0, window 1 (rows 4-11) says 1
-        return adapter.sliding_window_inference(x, 8, lambda xb: torch.full_like(xb, next(calls)), 0.5, blend)[0, 0, :, 4, 4]
+        out = adapter.sliding_window_inference(x, 8, lambda xb: torch.full_like(xb, next(calls)), 0.5, blend)
+        return out[0, 0, :, 4, 4]
 
     const, gauss = run("constant"), run("gaussian")
     assert const[:4].eq(0).all() and const[4:8].eq(0.5).all() and const[8:].eq(1).all()

@@ -147,19 +147,35 @@ def test_bad_datalist_is_rejected_before_training(tmp_path):
     assert not (out / "ckpt.pt").exists()  # nothing trained
 
 
+# the linear decoder on a trained backbone (a random init of a tiny checkpoint's architecture), 3 steps: its float32
+# run serves both the any-head test (a config written for another head) and the bf16 test (float32's losses)
+def _linear_args(ckpt, out, dtype):
+    return ["configs/seg_synthetic.py", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)",
+            "--max_iters=3", "--eval_interval=3", "--log_interval=1", "--save_predictions=False", "--head=linear",
+            "--freeze_backbone=False", f"--pretrained={ckpt}", "--random_init=True", f"--dtype={dtype}",
+            f"--out_dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def linear_float32(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("linear")
+    ckpt = tmp / "teacher_backbone.pt"
+    _tiny_checkpoint(ckpt)
+    p = _run(*_linear_args(ckpt, tmp / "float32", "float32"))
+    return ckpt, p, tmp / "float32"
+
+
 @pytest.mark.slow
-def test_any_head_runs_with_a_config_written_for_another(tmp_path):
+def test_any_head_runs_with_a_config_written_for_another(tmp_path, linear_float32):
     # configs/seg_synthetic.py sets the ViT-Adapter's head_kwargs; --head=linear used to fail on feature_size.
     # Here from --random_init=True of a checkpoint: the description names it; UNETR with a trained backbone too.
-    ckpt = tmp_path / "teacher_backbone.pt"
-    _tiny_checkpoint(ckpt)
+    ckpt, p, linear_out = linear_float32
     common = ["configs/seg_synthetic.py", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)",
               "--max_iters=2", "--eval_interval=2", "--save_predictions=False", f"--pretrained={ckpt}",
               "--random_init=True"]
-    p = _run(*common, "--head=linear", f"--out_dir={tmp_path / 'linear'}")
     assert "head 'linear' does not take head_kwargs ['deform_num_heads', 'feature_size']" in p.stdout
     assert f"random init of {ckpt}'s architecture" in p.stdout
-    res = json.loads((tmp_path / "linear" / "results.json").read_text())
+    res = json.loads((linear_out / "results.json").read_text())
     assert res["backbone"] == f"random init of {ckpt}'s architecture" and res["test_dice_mean"] is not None
     p = _run(*common, "--head=unetr", "--freeze_backbone=False", f"--out_dir={tmp_path / 'unetr'}")
     assert "head 'unetr' does not take head_kwargs ['deform_num_heads']" in p.stdout and "backbone trained" in p.stdout
@@ -170,16 +186,14 @@ def test_any_head_runs_with_a_config_written_for_another(tmp_path):
 
 
 @pytest.mark.slow
-def test_bf16_autocast_runs_on_cpu(tmp_path):
+def test_bf16_autocast_runs_on_cpu(tmp_path, linear_float32):
     """dtype="bfloat16" takes effect on CPU (torch's CPU autocast): a few steps of a trained backbone under the
     linear decoder give finite losses close to float32's, not identical. (The UNETR / adapter decoders work too,
     but CPU bf16 3D convolutions ran 6-18x slower than fp32 here: for testing the path, not for training.)"""
+    ckpt, _, f32_out = linear_float32
+    _run(*_linear_args(ckpt, tmp_path / "bfloat16", "bfloat16"))
     losses = {}
-    for dt in ("float32", "bfloat16"):
-        out = tmp_path / dt
-        _run("configs/seg_synthetic.py", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)",
-             "--max_iters=3", "--eval_interval=3", "--log_interval=1", "--save_predictions=False", "--head=linear",
-             "--freeze_backbone=False", f"--dtype={dt}", f"--out_dir={out}")
+    for dt, out in (("float32", f32_out), ("bfloat16", tmp_path / "bfloat16")):
         rows = [json.loads(line) for line in open(out / "log.jsonl")]
         losses[dt] = [r["loss"] for r in rows if "loss" in r]
         assert json.loads((out / "results.json").read_text())["test_dice_mean"] is not None
