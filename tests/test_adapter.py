@@ -1,10 +1,12 @@
 """adapter.py: pyramid shapes (single/multi-channel, non-cubic, patch 8 and 16), every head's logits and
 gradients (frozen and trainable ViT), the octant offset init of paper Eq. 4, the MSDA coordinate convention
 (each query samples its own voxel centre; the reference's permuted convention does not), channel mixing
-(C = 1 is the plain path; duplicated channels reduce to one), activation checkpointing, and the errors.
+(C = 1 is the plain path; duplicated channels reduce to one), activation checkpointing, sliding-window
+inference and its blending, which head takes which options, and the errors.
 
 Tiny ViTs (E 64-128, depth 4-8) on 32-64 voxel inputs keep the file fast on 2 CPU cores.
 """
+import numpy as np
 import pytest
 import torch
 
@@ -308,6 +310,67 @@ def test_with_cp_gives_the_same_outputs_and_gradients():
     assert g0.keys() == g1.keys() and any(k.startswith("vit.blocks") for k in g0) and "spm.stem.0.0.weight" in g0
     for k in g0:
         torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+# ============ sliding-window inference ============
+
+
+@pytest.mark.parametrize("blend", ["constant", "gaussian"])
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.75])
+def test_sliding_window_equals_whole_volume_forward(blend, overlap):
+    # 1x1x1 convolutions are exactly translation-equivariant, so however the windows tile the volume (here not a
+    # multiple of the window, one axis shorter than it: padded), the blended result is the whole-volume forward
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 1), torch.nn.GELU(), torch.nn.Conv3d(8, 3, 1))
+    x = torch.randn(2, 2, 23, 17, 9)
+    with torch.no_grad():
+        want = net(x)
+    got = adapter.sliding_window_inference(x, (8, 8, 12), net, overlap=overlap, blend=blend, sw_batch_size=3)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_window_starts_cover_the_axis():
+    for size, roi, overlap in [(23, 8, 0.0), (23, 8, 0.5), (112, 112, 0.75), (300, 112, 0.75), (9, 8, 0.25)]:
+        starts = adapter.window_starts(size, roi, overlap)
+        covered = np.zeros(size, bool)
+        for s in starts:
+            covered[s:s + roi] = True
+        assert covered.all() and starts[0] == 0 and starts[-1] == size - roi
+        assert all(b - a <= max(int(roi * (1 - overlap)), 1) for a, b in zip(starts, starts[1:]))
+    assert adapter.window_starts(300, 112, 0.75) == [0, 28, 56, 84, 112, 140, 168, 188]  # step 28, last one moved back
+
+
+def test_gaussian_blending_weights_the_window_centre():
+    w = adapter.importance_map((9, 9, 9), "gaussian")
+    assert w[4, 4, 4] == 1 and w.min() > 0 and w[0, 0, 0] < 1e-3
+    # the constant blend of two windows that disagree is their mean, the Gaussian one favours the nearer centre
+    x = torch.zeros(1, 1, 12, 8, 8)
+
+    def run(blend):
+        calls = iter([0.0, 1.0])  # window 0 (rows 0-7) says 0, window 1 (rows 4-11) says 1
+        out = adapter.sliding_window_inference(x, 8, lambda xb: torch.full_like(xb, next(calls)), 0.5, blend)
+        return out[0, 0, :, 4, 4]
+
+    const, gauss = run("constant"), run("gaussian")
+    assert const[:4].eq(0).all() and const[4:8].eq(0.5).all() and const[8:].eq(1).all()
+    assert gauss[:4].eq(0).all() and gauss[8:].eq(1).all()
+    assert 0 < gauss[4] < 0.1 and 0.9 < gauss[7] < 1 and gauss[5] < 0.5 < gauss[6]  # the nearer centre wins
+
+
+# ============ head options ============
+
+
+def test_head_options_of_another_head_are_dropped():
+    kw = {"feature_size": 8, "deform_num_heads": 2}  # configs/seg_synthetic.py: the ViT-Adapter's options
+    assert adapter.head_options("vit_adapter_unetr", kw) == (kw, [])  # deform_num_heads reaches ViTAdapter
+    assert adapter.head_options("unetr", kw) == ({"feature_size": 8}, ["deform_num_heads"])
+    assert adapter.head_options("linear", kw) == ({}, ["deform_num_heads", "feature_size"])
+    assert adapter.head_options("linear", {"mix_single_channel": True}) == ({"mix_single_channel": True}, [])
+    with pytest.raises(ValueError, match="feature_sze"):  # an option of no head is a typo, not dropped
+        adapter.head_options("linear", {"feature_sze": 8})
+    with pytest.raises(ValueError, match="unknown segmentation head"):
+        adapter.head_options("unet", {})
 
 
 # ============ bad inputs ============

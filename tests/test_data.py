@@ -15,6 +15,7 @@ import pytest
 from nibabel.testing import data_path as NIB_DATA
 
 import data
+import metrics
 from conftest import DATA, ROOT, requires_shared
 
 HIPPO = DATA / "msd_hippocampus"
@@ -328,6 +329,36 @@ def test_load_case_real_hippocampus_pair():
     case = data.load_case(HIPPO / "images" / name, HIPPO / "labels" / name)
     assert case["image"].shape == (1, 34, 52, 35) and case["label"].shape == (34, 52, 35)
     assert set(np.unique(case["label"]).tolist()) == {0, 1, 2}
+
+
+# -----------------------------------------------------------------------------
+# prepare_case (finetuning): padding, and predictions back on the input file's grid
+
+
+@pytest.mark.parametrize("target_spacing, crop_foreground", [(None, False), ((1.0, 1.0, 1.0), True)])
+def test_prediction_goes_back_to_the_input_grid(tmp_path, target_spacing, crop_foreground):
+    # an oblique-free but non-RAS file (axes permuted and flipped, 1.5 x 2 x 1 mm): a prediction equal to the label
+    # on the processed grid must come back as the label file's own array, with its affine
+    rng = np.random.default_rng(0)
+    label = np.zeros((12, 10, 14), np.uint8)
+    label[3:9, 2:7, 4:12] = 1
+    label[5:7, 3:5, 6:9] = 2
+    image = rng.normal(size=label.shape).astype(np.float32) + 3 * label
+    image[:, :, :2] = image.min()  # a border of background, for the foreground crop
+    affine = np.array([[0, 0, -1.0, 40], [-1.5, 0, 0, 20], [0, 2.0, 0, -10], [0, 0, 0, 1]])
+    img_p = save_nii(tmp_path / "img.nii.gz", image, affine=affine)
+    lab_p = save_nii(tmp_path / "lab.nii.gz", label, affine=affine)
+    case = data.prepare_case({"image": img_p, "label": lab_p}, crop_size=16, target_spacing=target_spacing,
+                           crop_foreground=crop_foreground)
+    assert all(s >= 16 for s in case["image"].shape[1:]) and case["image"].min() == -1
+    pred = case["label"][case["inner"]].astype(np.uint8)
+    back, back_affine = data.to_input_grid(pred, case)
+    np.testing.assert_array_equal(back_affine, affine)
+    assert back.shape == label.shape
+    if target_spacing is None:
+        np.testing.assert_array_equal(back, label)
+    else:  # resampled to 1 mm and back with nearest neighbours: boundaries may move by a voxel
+        assert np.nanmean(metrics.dice(back, label, 3)) > 0.8
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """
-Tests for losses.py: closed forms, the reference's golden values, the 2-process all-reduce, dtypes, gradients
-and bad inputs. All on CPU, ~10 s (most of it the two spawned gloo processes).
+Tests for losses.py: closed forms, the reference's golden values, the 2-process all-reduce, dtypes, gradients,
+bad inputs, and the segmentation losses. All on CPU, ~10 s (most of it the two spawned gloo processes).
 """
 import math
 import os
@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import losses
 from conftest import GOLDEN, requires_shared
 from losses import dino_loss, ibot_loss, koleo_loss, sinkhorn_knopp, softmax_center, update_center
 
@@ -329,6 +330,43 @@ def test_bad_inputs_raise_clear_errors():
     assert torch.isnan(dino_loss([S, S, S], list(sinkhorn_knopp(torch.cat([nan, S]), 0.05).chunk(2))))
     assert torch.isnan(ibot_loss(nan, P, torch.ones(B) / B, 2))
     assert torch.isnan(koleo_loss(torch.cat([nan, S])))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# segmentation losses (finetuning): Dice, Dice + CE, sigmoid Dice on overlapping regions
+
+
+def test_dice_loss_hand_cases():
+    p = torch.tensor([1.0, 1.0, 0.0, 0.0]).view(1, 1, 4, 1, 1)
+    g = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 4, 1, 1)
+    assert math.isclose(losses.dice_loss(p, g).item(), 1 - (2 + 1e-5) / (3 + 1e-5), rel_tol=1e-6)  # 1/3
+    assert losses.dice_loss(g, g).item() < 1e-6
+    assert losses.dice_loss(torch.zeros_like(g), torch.zeros_like(g)).item() < 1e-6  # empty in both: no penalty
+    # squared_pred (BraTS): Σp² in the denominator
+    q = torch.full((1, 1, 4, 1, 1), 0.5)
+    assert math.isclose(losses.dice_loss(q, g, squared=True, smooth_nr=0.0).item(), 1 - 1.0 / (1.0 + 1.0 + 1e-5),
+                        rel_tol=1e-5)
+
+
+def test_dice_ce_perfect_and_uniform():
+    torch.manual_seed(0)
+    label = torch.randint(0, 4, (2, 6, 5, 7))
+    onehot = torch.nn.functional.one_hot(label, 4).permute(0, 4, 1, 2, 3).float()
+    assert losses.seg_loss(50 * onehot, label, "dice_ce").item() < 1e-4  # perfect prediction -> ~0
+    assert losses.seg_loss(50 * onehot, label, "dice").item() < 1e-4
+    assert losses.seg_loss(-50 * onehot, label, "dice").item() > 0.99  # every voxel wrong -> ~1
+    uniform = torch.zeros(2, 4, 6, 5, 7)
+    ce = losses.seg_loss(uniform, label, "dice_ce").item() - losses.seg_loss(uniform, label, "dice").item()
+    assert math.isclose(ce, math.log(4), rel_tol=1e-5)  # CE of a uniform softmax = log K
+
+
+def test_sigmoid_dice_on_brats_regions():
+    regions = [[1, 3], [1, 2, 3], [3]]  # TC, WT, ET
+    label = torch.tensor([0, 1, 2, 3]).view(1, 4, 1, 1)
+    r = losses.label_to_regions(label, regions)[0, :, :, 0, 0]  # (R, 4)
+    assert r.tolist() == [[0, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+    logits = 50 * (2 * losses.label_to_regions(label, regions) - 1)
+    assert losses.seg_loss(logits, label, "sigmoid_dice", regions).item() < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""model.py: shapes, masking, multi-crop, intermediate layers, checkpoints, bad input, and the golden outputs of
-the reference implementation (../shared/golden/vit_ref_small.pt)."""
+"""model.py: shapes, masking, multi-crop, intermediate layers, checkpoints, random init of a checkpoint's
+architecture, bad input, and the golden outputs of the reference implementation (../shared/golden/vit_ref_small.pt)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -23,17 +23,20 @@ def test_constructor_shapes_cubic_and_noncubic(name, E):
             t = m.prepare_tokens_with_masks(torch.randn(1, 1, 48, 32, 64))
             assert t.shape == (1, 1 + 3 * 2 * 4, E) and m.blocks[0](t).shape == t.shape
         return
-    m = model.ARCHS[name](img_size=96).eval()
-    assert m.embed_dim == E and m.pos_embed.shape == (1, 1 + 6 ** 3, E)
     if name == "vit_large":
-        # a full forward of the big ones is slow on 2 CPU cores: check the token path and one block instead
-        with torch.no_grad():
+        # a full forward of the big ones is slow on 2 CPU cores: check the token path and one block instead, on the
+        # meta device (shapes only: initialising 300M parameters on the CPU took ~10 s)
+        with torch.device("meta"), torch.no_grad():
+            m = model.ARCHS[name](img_size=96).eval()
+            assert m.embed_dim == E and m.pos_embed.shape == (1, 1 + 6 ** 3, E)
             t = m.prepare_tokens_with_masks(torch.randn(1, 1, 96, 96, 96))
             assert t.shape == (1, 217, E)
             assert m.blocks[0](t).shape == t.shape
             t = m.prepare_tokens_with_masks(torch.randn(1, 1, 48, 32, 64))
             assert t.shape == (1, 1 + 3 * 2 * 4, E)
         return
+    m = model.ARCHS[name](img_size=96).eval()
+    assert m.embed_dim == E and m.pos_embed.shape == (1, 1 + 6 ** 3, E)
     with torch.no_grad():
         out = m.forward_features(torch.randn(2, 1, 96, 96, 96))
         assert out["x_norm_clstoken"].shape == (2, E)
@@ -199,6 +202,51 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     weird = {"teacher": dict(sd, **{"projector.weight": torch.zeros(2)})}
     with pytest.raises(ValueError, match="projector.weight"):
         model.load_pretrained(tiny(), weird)
+
+
+def _tiny_checkpoint(path, layerscale_init=0.1, img_size=32):
+    """A teacher export as pretrain.py writes it ({"teacher", "model_args", "config"}) of a tiny ViT built with
+    layerscale_init, whose weights then moved away from their init (as training would move them)."""
+    torch.manual_seed(123)
+    vit = model.ViT3D(img_size=img_size, patch_size=8, embed_dim=48, depth=4, num_heads=2,
+                      layerscale_init=layerscale_init)
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}, "model_args": vit.args,
+                "config": {"layerscale_init": layerscale_init, "seed": 0}, "step": 10}, path)
+    return vit
+
+
+def test_random_init_is_the_checkpoints_architecture_with_pretrainings_init(tmp_path):
+    ckpt = tmp_path / "teacher_backbone.pt"
+    trained = _tiny_checkpoint(ckpt, layerscale_init=0.1).state_dict()
+    fresh = model.random_init_like(str(ckpt), seed=3).state_dict()
+    # the same architecture: the same keys and shapes (patch 8, 4^3 grid, 48 wide, 4 blocks)
+    assert list(fresh) == list(trained)
+    assert all(fresh[k].shape == trained[k].shape for k in trained)
+    # LayerScale starts at the pretraining's layerscale_init (0.1 here, not ViT3D's default 1e-5) ...
+    gammas = [k for k in fresh if k.endswith(".gamma")]
+    assert len(gammas) == 8 and all(torch.equal(fresh[k], torch.full_like(fresh[k], 0.1)) for k in gammas)
+    # ... and every tensor differs from the checkpoint's (the trained gammas moved away from 0.1)
+    for k in trained:
+        assert not torch.equal(fresh[k], trained[k]), k
+    # seeded: the same seed gives the same weights, another seed others
+    again = model.random_init_like(str(ckpt), seed=3).state_dict()
+    assert all(torch.equal(fresh[k], again[k]) for k in fresh)
+    other = model.random_init_like(str(ckpt), seed=4).state_dict()
+    assert not torch.equal(fresh["blocks.0.attn.qkv.weight"], other["blocks.0.attn.qkv.weight"])
+    # exactly pretrain.py's student init: torch.manual_seed(seed), then ViT3D with the run's arguments
+    torch.manual_seed(3)
+    want = model.ViT3D(**{**torch.load(ckpt, weights_only=True)["model_args"], "layerscale_init": 0.1}).state_dict()
+    assert all(torch.equal(fresh[k], want[k]) for k in want)
+    # the caller's RNG goes on as after loading the checkpoint: the head then starts alike in both arms
+    torch.manual_seed(0)
+    model.vit_from_checkpoint(str(ckpt))
+    after_pretrained = torch.rand(4)
+    torch.manual_seed(0)
+    model.random_init_like(str(ckpt), seed=3)
+    assert torch.equal(torch.rand(4), after_pretrained)
 
 
 def test_load_resizes_pos_embed_to_new_grid():

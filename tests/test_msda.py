@@ -187,6 +187,7 @@ def test_dispatcher(monkeypatch):
     torch.testing.assert_close(msda(*inputs), out, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # with a cold Triton cache, building the kernels takes ~12 s of CPU
 @needs_triton
 def test_every_kernel_compiles_for_sm90_without_spills():
     """The interpreter checks arithmetic only. Build every launch the wrappers make at the ViT-Adapter's real

@@ -68,9 +68,21 @@ def test_one_step_updates_student_and_teacher_by_ema(tmp_path):
     torch.testing.assert_close(vit.state_dict()["norm.weight"], t1["backbone.norm.weight"])
 
 
-def test_last_layer_frozen_in_first_epoch_and_param_groups(tmp_path):
-    init, sd0 = initial_checkpoint(tmp_path)
-    _, out = run(tmp_path, max_iters=3, init_from=str(init), freeze_last_layer_iters=3)
+# 3 steps from a known init with the last layer frozen throughout, in the default dtype: read by the frozen-layer
+# test and, as its "auto" run, by the bf16 test (one run of the script for both)
+FROZEN3 = dict(max_iters=3, freeze_last_layer_iters=3)
+
+
+@pytest.fixture(scope="module")
+def frozen3(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("frozen3")
+    init, sd0 = initial_checkpoint(tmp)
+    _, out = run(tmp, init_from=str(init), **FROZEN3)
+    return init, sd0, out
+
+
+def test_last_layer_frozen_in_first_epoch_and_param_groups(frozen3):
+    init, sd0, out = frozen3
     ck = torch.load(out / "ckpt.pt", weights_only=True)
     s = ck["student"]
     for head in ("dino_head", "ibot_head"):
@@ -105,15 +117,26 @@ def test_last_layer_frozen_in_first_epoch_and_param_groups(tmp_path):
         assert got_wd == pytest.approx(e_wd, rel=1e-9, abs=1e-15), name
 
 
-def test_kill_and_resume_replays_the_same_losses(tmp_path):
+# 8 steps with a checkpoint every 3, past the warm-up, iBOT with a K of its own: the collapse-monitor test reads it,
+# and it is the uninterrupted reference of the kill-and-resume test (one run of the script for both)
+RUN8 = dict(max_iters=8, ckpt_interval=3, warmup_iters=2, ibot_head_n_prototypes=32)
+
+
+@pytest.fixture(scope="module")
+def run8(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("run8"), **RUN8)
+
+
+@pytest.mark.slow
+def test_kill_and_resume_replays_the_same_losses(tmp_path, run8):
     # uninterrupted reference run
-    ref, out_ref = run(tmp_path / "a", max_iters=8, ckpt_interval=3)
+    ref, out_ref = run8
     ref_losses = losses_of(out_ref)
     assert sorted(ref_losses) == list(range(1, 9))
     # the same run, killed (SIGKILL) once its first checkpoint exists, then resumed
     out = tmp_path / "b" / "run"
     (tmp_path / "b").mkdir()
-    cfg = dict(TINY, out_dir=str(out), max_iters=8, ckpt_interval=3)
+    cfg = dict(TINY, out_dir=str(out), **RUN8)
     args = [f"--{k}={v!r}" if isinstance(v, str) else f"--{k}={v}" for k, v in cfg.items()]
     p = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py")] + args, cwd=tmp_path / "b",
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -125,7 +148,7 @@ def test_kill_and_resume_replays_the_same_losses(tmp_path):
     p.wait()
     killed_at = torch.load(out / "ckpt.pt", weights_only=True)["step"]
     assert killed_at < 8, "the run finished before it could be killed; make the steps slower"
-    run(tmp_path / "b", max_iters=8, ckpt_interval=3, resume=True)
+    run(tmp_path / "b", **RUN8, resume=True)
     resumed = [json.loads(l) for l in open(out / "log.jsonl")]
     # steps after the checkpoint appear twice (before the kill and after the resume): the last entry counts
     after = {r["step"]: r["loss"] for r in resumed if "loss" in r}
@@ -154,6 +177,7 @@ def run_ddp(tmp_path, **overrides):
         return run(tmp_path, cmd_prefix=torchrun, **overrides)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo(tmp_path):
     res, out = run_ddp(tmp_path, max_iters=3, batch_size=4)
     assert "the students of all 2 ranks are identical" in res.stdout
@@ -182,10 +206,10 @@ def test_nonfinite_loss_stops_with_the_step_named(tmp_path):
     assert "non-finite loss at step" in res.stderr
 
 
-def test_collapse_monitors_logged_and_uniform_collapse_warned(tmp_path):
+def test_collapse_monitors_logged_and_uniform_collapse_warned(run8):
     # LayerScale 1e-5 and a teacher that barely moves: the DINO targets are uniform from the first step (the
     # fixed point every short run of the paper's settings sits at); after warm-up the run must say so, once
-    res, out = run(tmp_path, max_iters=6, warmup_iters=2, ibot_head_n_prototypes=32)  # (a K of iBOT's own)
+    res, out = run8  # (a K of iBOT's own)
     student = torch.load(out / "ckpt.pt", weights_only=True)["student"]
     assert student["dino_head.last_layer.weight_v"].shape[0] == 64
     assert student["ibot_head.last_layer.weight_v"].shape[0] == 32
@@ -202,12 +226,16 @@ def test_collapse_monitors_logged_and_uniform_collapse_warned(tmp_path):
     assert text.count("WARNING") == 1 and "uniform collapse" in text and "layerscale_init" in text
 
 
-def test_bf16_autocast_runs_on_cpu_and_float32_stays_the_cpu_default(tmp_path):
+@pytest.mark.slow
+def test_bf16_autocast_runs_on_cpu_and_float32_stays_the_cpu_default(tmp_path, frozen3):
     """dtype="bfloat16" takes effect on CPU too (torch's CPU autocast), so the mixed-precision path (bf16 matmuls;
     teacher logits, Sinkhorn-Knopp, the losses and KoLeo cast to fp32) runs on every CI machine. Its losses are
     finite and close to float32's but not identical (measured: within 0.4% over 3 steps); the default ("auto")
     on CPU is float32, bit for bit."""
-    runs = {dt: losses_of(run(tmp_path / dt, max_iters=3, dtype=dt)[1]) for dt in ("auto", "float32", "bfloat16")}
+    init, _, auto = frozen3
+    runs = {dt: losses_of(run(tmp_path / dt, init_from=str(init), **FROZEN3, dtype=dt)[1])
+            for dt in ("float32", "bfloat16")}
+    runs["auto"] = losses_of(auto)
     f, b = runs["float32"], runs["bfloat16"]
     assert runs["auto"] == f and set(f) == set(b) == {1, 2, 3}
     for step in f:
