@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import cache
 from conftest import ROOT
 from configurator import ConfigError, DiskFullError, hold_out_dir, save_atomic
 
@@ -186,14 +186,14 @@ def test_prepare_on_a_full_disk_raises_the_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(np, "save", full_disk)
     with pytest.raises(DiskFullError, match="no space left on device writing .*v-.*-f0.npy"):
-        data.prepare([str(tmp_path / "v.nii.gz")], tmp_path / "cache", min_axis_size=8, workers=1, progress=False)
+        cache.prepare([str(tmp_path / "v.nii.gz")], tmp_path / "cache", min_axis_size=8, workers=1, progress=False)
     assert not [f for f in os.listdir(tmp_path / "cache") if ".tmp" in f]
 
 
 def test_every_script_saves_through_the_one_helper():
-    """pretrain, finetune_seg, linear_probe, evaluate and data write their checkpoints, exports, results and cache
+    """pretrain, finetune_seg, linear_probe, evaluate and cache write their checkpoints, exports, results and cache
     files with configurator.save_atomic: no script has its own torch.save or rename any more."""
-    for name in ("pretrain.py", "finetune_seg.py", "linear_probe.py", "evaluate.py", "data.py"):
+    for name in ("pretrain.py", "finetune_seg.py", "linear_probe.py", "evaluate.py", "cache.py"):
         src = (ROOT / name).read_text()
         assert "torch.save(" not in src and "os.replace(" not in src, name
         assert "save_atomic(" in src, name

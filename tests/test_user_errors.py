@@ -253,9 +253,8 @@ def test_label_maps_are_not_pretraining_images(tmp_path, caplog):
     for part in ("2 under labelsTr/", "1 under labelsTs/", "1 under labels/", "1 under masks/ (label_dir of",
                  "1 listed as labels in", "(label maps are never pretrained on)"):
         assert part in lines[0], (part, lines[0])
-    # a glob and make-datalist give the same images; pointing at a label folder itself still reads it
+    # a glob gives the same images; pointing at a label folder itself still reads it
     assert sorted(s["image"] for s in data.pretrain_sources(str(tmp_path / "**" / "*.nii.gz"))) == images
-    assert sorted(i["image"] for i in data.make_datalist(tmp_path)[0]) == images
     assert len(data.pretrain_sources(tmp_path / "labelsTr")) == 2
 
 
@@ -266,11 +265,11 @@ def test_hippocampus_folder_pretrains_on_its_200_images_only(tmp_path):
     hip = DATA / "msd_hippocampus"
     sources = [s["image"] for s in data.pretrain_sources(hip)]
     assert len(sources) == 200 and all("/images/" in s for s in sources)  # not the 200 label maps
-    p = script(ROOT / "data.py", "prepare", "--datalist", hip, "--out", tmp_path / "cache", "--workers=1",
+    p = script(ROOT / "cache.py", "prepare", "--datalist", hip, "--out", tmp_path / "cache", "--workers=1",
                "--min_axis_size=8")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "skipped 200 label maps" in p.stderr and "under labels/" in p.stderr
-    entries = data.load_index(tmp_path / "cache")["entries"]
+    entries = cache.load_index(tmp_path / "cache")["entries"]
     assert len(entries) == 200 and not [e for e in entries if "/labels/" in e["source"]]
 
 
