@@ -357,11 +357,14 @@ class SyncCounter:
 
         import metrics
 
+        def ours(frame):  # a frame of the repo's code, bench.py excepted
+            name = frame.f_code.co_filename
+            return name.startswith(self.root) and os.path.basename(name) != "bench.py"
+
         f = sys._getframe(2)
-        if kind == "to_device" and not (f.f_code.co_filename.startswith(self.root) and not f.f_code.co_filename.endswith("bench.py")):
+        if kind == "to_device" and not ours(f):
             return  # torch's own .to(device) calls (clip_grad_norm_, optimizers) move device tensors to the device
-        while f is not None and not (f.f_code.co_filename.startswith(self.root)
-                                     and not f.f_code.co_filename.endswith("bench.py")):
+        while f is not None and not ours(f):
             f = f.f_back
         site = f"{f.f_code.co_filename[len(self.root) + 1:]}:{f.f_lineno}" if f else "?"
         g, in_optim = sys._getframe(2), False  # torch.optim's own reads of its per-parameter step counters
@@ -506,6 +509,8 @@ def bench_step(args, rest):
     print(f"{'sum of phases':<14}{total:>10.1f}   measured step (log rows' wall clock): {out['step_ms']:.1f} ms")
 
     # ------------------------------------------------------------------------------------------- host syncs
+    if args.no_syncs:
+        return out
     n = 3
     extra = [f"--device={args.device}"] + ([f"--batch_size={args.batch}"] if args.batch else []) + rest
     events = count_pretrain_syncs(config, n, extra)
@@ -544,7 +549,7 @@ def prepare_phantom_cache(out, n, shape):
         if not os.path.exists(path):
             vol = vols[i]["image"][0].numpy()  # (H, W, D) in [-1, 1]
             nib.save(nib.Nifti1Image(np.rint(vol * 1000).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1.0])), path)
-    data.prepare(raw, out, workers=1, progress=False)
+    data.prepare(raw, out, workers=min(8, os.cpu_count() or 1), progress=False)
     return data.load_index(out)
 
 
@@ -649,7 +654,8 @@ def saved_bytes_by_group(net, x, groups, autocast_dtype=None):
 
     tuc.checkpoint = counting_cp
     try:
-        ctx = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype else torch.autocast("cpu", enabled=False)
+        dev = x.device.type
+        ctx = torch.autocast(dev, dtype=autocast_dtype) if autocast_dtype else torch.autocast(dev, enabled=False)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
             y = net(x)
             loss = y.float().square().mean()  # stands in for Dice + CE: (B, K, H, W, D) -> scalar
@@ -665,7 +671,9 @@ def bench_finetune_memory(args, rest):
     (finetune_seg.py's default: the paper's setting), per module group, fp32 and under bf16 autocast, without
     and with activation checkpointing (adapter.ViTAdapter with_cp / finetune_seg.py grad_checkpoint). Measured at
     --batch (default 1) on CPU: saved activations scale linearly with the batch (every saved tensor has the batch
-    as its leading dimension), so batch 8 is 8x. --arch/--crop for a smaller check."""
+    as its leading dimension), so batch 8 is 8x. --arch/--crop for a smaller check.
+    On CUDA (--device cuda, default batch 8) it also times forward + backward and reads the peak memory of the
+    step (the model, its activations and gradients; finetune_seg.py adds the AdamW state of the trained part)."""
     import adapter
     import model
 
@@ -674,23 +682,26 @@ def bench_finetune_memory(args, rest):
     p.add_argument("--crop", type=int, default=112)
     p.add_argument("--num_classes", type=int, default=14)
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--with_cp", nargs="+", default=["False", "True"], choices=["False", "True"])
     opt = p.parse_args(rest)
-    B, S, scale = args.batch or 1, opt.crop, 8 / (args.batch or 1)
+    cuda = str(args.device).startswith("cuda")
+    B = args.batch or (8 if cuda else 1)
+    S, scale = opt.crop, 8 / B
     torch.manual_seed(0)
     vit = model.ARCHS[opt.arch](img_size=S).requires_grad_(False).eval()  # frozen, as finetune_seg.py runs it
-    x = torch.randn(B, 1, S, S, S)
+    x = torch.randn(B, 1, S, S, S, device=args.device)
     result = {"arch": opt.arch, "crop": S, "batch": B, "frozen_backbone": True}
     print(f"{opt.arch} + ViT-Adapter + UNETR at {S}^3, batch {B}, ViT frozen: bytes saved for backward "
           f"(GiB; x{scale:g} = batch 8)")
     for dt in opt.dtypes:
-        for cp in (False, True):
-            net = adapter.ViTAdapterUNETR(vit, 1, opt.num_classes, with_cp=cp).train()
+        for cp in [c == "True" for c in opt.with_cp]:
+            net = adapter.ViTAdapterUNETR(vit, 1, opt.num_classes, with_cp=cp).to(args.device).train()
             net.vit.eval()
             a = net.adapter
             groups = {**{b: "vit_blocks" for b in vit.blocks}, vit.patch_embed: "vit_embed", a.spm: "spm",
                       **{i.injector: "injector" for i in a.interactions},
                       **{e: "extractor" for i in a.interactions for e in [i.extractor, *i.extra_extractors]},
-                      a.up: "adapter_out", a.norms: "adapter_out", a.channel_mix: "adapter_out"}
+                      **{m: "adapter_out" for m in [a.up, *a.norms, *a.channel_mix]}}
             groups.update({m: "decoder" for n, m in net.named_children() if n != "adapter"})
             t0 = time.perf_counter()
             by, loss = saved_bytes_by_group(net, x, groups, None if dt == "float32" else getattr(torch, dt))
@@ -704,6 +715,23 @@ def bench_finetune_memory(args, rest):
             for k, v in result[key].items():
                 if k != "total":
                     print(f"  {k:<18}{v / 2**30:>9.3f} GiB {v / total:>6.1%}")
+            if cuda:  # the real step: forward + backward, its time and the allocator's peak
+                ctx = torch.autocast("cuda", dtype=getattr(torch, dt), enabled=dt != "float32")
+
+                def step():
+                    with ctx:
+                        loss = net(x).float().square().mean()
+                    loss.backward()
+                    net.zero_grad(set_to_none=True)
+
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                ms = timeit(step, warmup=0, iters=3, device="cuda")
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                result[key].update({"fwd_bwd_ms": round(ms, 1), "peak_gib": round(peak, 2)})
+                print(f"  CUDA forward + backward at batch {B}: {ms:.0f} ms, peak {peak:.1f} GiB")
+            del net
     return result
 
 
@@ -717,6 +745,7 @@ if __name__ == "__main__":
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: per subcommand)")
     p.add_argument("--config", default=None, help="step: a pretrain config file (default: the demo config)")
     p.add_argument("--profile", action="store_true", help="step: per-phase times and host syncs of the step")
+    p.add_argument("--no_syncs", action="store_true", help="step --profile: skip the host-sync count")
     args, rest = p.parse_known_args()
     if args.threads:
         torch.set_num_threads(args.threads)
