@@ -602,6 +602,8 @@ def bench_input(args, rest):
             passes.append((time.perf_counter() - t0) * 1e3 / iters)
         ms = min(passes)
         res[f"{name}_ms_per_sample"] = round(ms, 2)
+        res[f"{name}_passes_ms"] = [round(t, 2) for t in passes]
+        res[f"{name}_mb_per_sample"] = round(mb / iters, 2)
         res[f"{name}_samples_per_s_per_worker"] = round(1e3 / ms, 1)
         label = f"{name}: 2 x {S}^3 + {n_local} x {s}^3 boxes"
         print(f"{label:<34}{ms:>10.2f}{1e3 / ms:>22.1f}{mb / iters:>9.1f}")
@@ -613,6 +615,10 @@ def bench_input(args, rest):
           f"{SAMPLE_FLOPS_VITL / 1e12:.1f} TFLOP per sample = {need:.0f} samples/s per GPU; / "
           f"{res['vitl_samples_per_s_per_worker']:.0f} samples/s per worker = {workers:.2f} -> "
           f"{math.ceil(workers)} worker process(es) per GPU (box reads only; cold disk reads are slower)")
+    gbs = need * res["vitl_mb_per_sample"] / 1024
+    res["read_gb_per_s_per_gpu"] = round(gbs, 2)
+    print(f"and {need:.0f} x {res['vitl_mb_per_sample']:.1f} MB = {gbs:.1f} GB/s of float16 boxes per GPU from the page "
+          f"cache or disk (the boxes are fractions of the volume: larger volumes read more per sample)")
     if tmp:
         tmp.cleanup()
     return res
@@ -624,17 +630,22 @@ def saved_bytes_by_group(net, x, groups, autocast_dtype=None):
     (counted once, parameters excluded: they are held anyway) to the innermost module on the forward-hook stack
     that `groups` ({module: name}) names ("other" if none). Regions under torch.utils.checkpoint save nothing the
     hook sees; the inputs each region keeps for its recomputation are charged to "checkpoint_inputs" (the
-    checkpoint call is wrapped for that). Device-independent: the same tensors are saved on a GPU."""
+    checkpoint call is wrapped for that). Under autocast, the bf16 copies of the weights that ops save (a saved
+    non-fp32 tensor of a parameter's shape) go to "weight_casts": they do not grow with the batch.
+    Device-independent: the same tensors are saved on a GPU."""
     import torch.utils.checkpoint as tuc
 
     stack, seen, out = [], set(), {}
     params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    param_shapes = {tuple(p.shape) for p in net.parameters()}
 
     def charge(t, name=None):
         s = t.untyped_storage()
         if s.data_ptr() in seen or s.data_ptr() in params:
             return
         seen.add(s.data_ptr())
+        if name is None and t.dtype != torch.float32 and tuple(t.shape) in param_shapes:
+            name = "weight_casts"  # autocast's bf16 copy of a weight: one per forward, whatever the batch
         name = name or next((groups[m] for m in reversed(stack) if m in groups), "other")
         out[name] = out.get(name, 0) + s.nbytes()
 
@@ -692,7 +703,7 @@ def bench_finetune_memory(args, rest):
     x = torch.randn(B, 1, S, S, S, device=args.device)
     result = {"arch": opt.arch, "crop": S, "batch": B, "frozen_backbone": True}
     print(f"{opt.arch} + ViT-Adapter + UNETR at {S}^3, batch {B}, ViT frozen: bytes saved for backward "
-          f"(GiB; x{scale:g} = batch 8)")
+          f"(GiB; batch 8 = {scale:g} x the batch-{B} bytes, autocast weight copies once)")
     for dt in opt.dtypes:
         for cp in [c == "True" for c in opt.with_cp]:
             net = adapter.ViTAdapterUNETR(vit, 1, opt.num_classes, with_cp=cp).to(args.device).train()
@@ -707,13 +718,16 @@ def bench_finetune_memory(args, rest):
             by, loss = saved_bytes_by_group(net, x, groups, None if dt == "float32" else getattr(torch, dt))
             del loss
             total = sum(by.values())
+            fixed = by.get("weight_casts", 0)
             key = f"{dt}_{'checkpoint' if cp else 'plain'}"
             result[key] = {k: v for k, v in sorted(by.items(), key=lambda kv: -kv[1])}
             result[key]["total"] = total
-            print(f"\n{dt}, with_cp={cp}: {total / 2**30:.3f} GiB at batch {B} -> {total * scale / 2**30:.1f} GiB at "
-                  f"batch 8  ({time.perf_counter() - t0:.0f} s)")
+            result[key]["batch8_estimate"] = int((total - fixed) * scale + fixed)
+            print(f"\n{dt}, with_cp={cp}: {total / 2**30:.3f} GiB at batch {B} -> "
+                  f"{result[key]['batch8_estimate'] / 2**30:.1f} GiB at batch 8 (weight casts once)  "
+                  f"({time.perf_counter() - t0:.0f} s)")
             for k, v in result[key].items():
-                if k != "total":
+                if k not in ("total", "batch8_estimate"):
                     print(f"  {k:<18}{v / 2**30:>9.3f} GiB {v / total:>6.1%}")
             if cuda:  # the real step: forward + backward, its time and the allocator's peak
                 ctx = torch.autocast("cuda", dtype=getattr(torch, dt), enabled=dt != "float32")
