@@ -4,7 +4,11 @@ bench.py — speed and memory, measured side by side in one run (never asserted 
     python bench.py augment [--image PATH] [--threads N] [--device cpu|cuda]
     python bench.py msda    [--device cuda] [--batch 1]
     python bench.py msda --compile-only   [--arch 80 90] [--dtypes float32 bfloat16 float16]   (no GPU needed)
-    python bench.py step    [--config configs/pretrain_demo.py] [--device cpu|cuda] [--iters 5] [--profile]
+    python bench.py step    [--config configs/pretrain_demo.py] [--device cpu|cuda] [--iters 5] [--profile] [--k=v]
+    python bench.py input   [--out CACHE | --data_path CACHE]   (crop-box reads per worker; workers per GPU)
+    python bench.py finetune_memory [--device cuda] [--batch 1] [--dtypes float32 bfloat16]   (saved-for-backward bytes)
+
+Methods and results: docs/performance.md.
 
 Every subcommand prints a human-readable table and ends with ONE line holding a JSON object, so runs can be
 compared by script (`python bench.py augment | tail -1 | python -m json.tool`).
@@ -302,10 +306,12 @@ class SyncCounter:
     call site. A TorchDispatchMode sees every aten op whatever the device, so the count is the same on CPU as on a
     GPU for what it can see: a tensor read into Python (`.item()`, `float(t)`, `if t:` -> aten._local_scalar_dense),
     ops whose output size depends on the data (nonzero, masked_select, boolean-mask indexing, unique,
-    repeat_interleave without output_size) and, on a GPU, copies between the device and the host. On CPU it cannot
-    see `.tolist()`, `.numpy()` or `.cpu()` (no op runs for a tensor that is already on the host), nor a copy to the
-    device: those are audited by reading the step's code (docs/performance.md "Host syncs"). The phase is read from
-    metrics.PhaseTimer.current (pretrain.py --profile=True); syncs before the first mark count as "setup"."""
+    repeat_interleave without output_size) and, on a GPU, blocking copies between the device and the host; on a GPU
+    a read of a host tensor is marked kind "host" (no stall). On CPU no op runs for `.tolist()`, `.numpy()`,
+    `.cpu()` or a copy to the run's device: a TorchFunctionMode counts those calls instead (kinds "to_host" and
+    "to_device"; the latter only from the repository's code, `.to(device)` without non_blocking=True). The phase
+    is read from metrics.PhaseTimer.current (pretrain.py --profile=True); events before the first mark: "setup".
+    Each event: (step, phase, op, call site, kind)."""
 
     SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim",
                 "unique_consecutive", "repeat_interleave", "allclose", "masked_scatter_")
@@ -315,11 +321,12 @@ class SyncCounter:
 
         from torch.overrides import TorchFunctionMode
         from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
 
         self.root = root or os.path.dirname(os.path.abspath(__file__))
         self.device = None if device is None else torch.device(device)  # copies to it are counted (kind to_device)
-        self.events = []  # (step, phase, op, site)
-        counter = self
+        self.events = []  # (step, phase, op, site, kind)
+        counter, on_gpu = self, self.device is not None and self.device.type != "cpu"
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -329,12 +336,17 @@ class SyncCounter:
                 if op in ("index", "index_put_", "index_put") and any(
                         isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
                     sync = True  # a boolean mask as an index: its nonzero count sets the output size
+                kind = "read"
                 if op in ("_to_copy", "copy_"):
                     src = args[1] if op == "copy_" else args[0]
-                    dst = args[0].device if op == "copy_" else kwargs.get("device") or src.device
-                    sync = src.device.type != torch.device(dst).type and not kwargs.get("non_blocking", False)
+                    dst = torch.device(args[0].device if op == "copy_" else kwargs.get("device") or src.device)
+                    sync = src.device.type != dst.type and not kwargs.get("non_blocking", False)
+                    kind = "to_host" if dst.type == "cpu" else "to_device"
+                elif sync and on_gpu and not any(isinstance(a, torch.Tensor) and a.device.type != "cpu"
+                                                 for a in tree_leaves((args, kwargs))):
+                    kind = "host"  # a read of a host tensor: no stall
                 if sync:
-                    counter.record(op)
+                    counter.record(op, kind, filter_callers=False)
                 return func(*args, **kwargs)
 
         class FunctionMode(TorchFunctionMode):
@@ -342,7 +354,9 @@ class SyncCounter:
             def __torch_function__(self, func, types, args=(), kwargs=None):
                 kwargs = kwargs or {}
                 name = getattr(func, "__name__", "")
-                if name in ("tolist", "numpy", "cpu"):
+                if on_gpu:  # the dispatcher sees the real copies
+                    pass
+                elif name in ("tolist", "numpy", "cpu"):
                     counter.record(name, kind="to_host")
                 elif name in ("to", "tensor", "as_tensor") and not kwargs.get("non_blocking", False):
                     dev = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
@@ -352,7 +366,7 @@ class SyncCounter:
 
         self.mode, self.function_mode = Mode(), FunctionMode()
 
-    def record(self, op, kind="read"):
+    def record(self, op, kind="read", filter_callers=True):
         import os
 
         import metrics
@@ -362,7 +376,7 @@ class SyncCounter:
             return name.startswith(self.root) and os.path.basename(name) != "bench.py"
 
         f = sys._getframe(2)
-        if kind == "to_device" and not ours(f):
+        if kind == "to_device" and filter_callers and not ours(f):
             return  # torch's own .to(device) calls (clip_grad_norm_, optimizers) move device tensors to the device
         while f is not None and not ours(f):
             f = f.f_back
@@ -417,13 +431,16 @@ HOST_PHASES = ("data", "views")  # their tensors are on the host in a GPU run to
 
 def summarise_syncs(events, steps, device="cpu"):
     """Syncs per ordinary step and in the log step, by phase, and the call sites of the ordinary steps'.
-    Counted as device syncs: every event outside HOST_PHASES, except, on CPU, torch.optim's reads of its step
+    On a GPU the counter saw each tensor's device: every event but kind "host" is a sync. On CPU, counted as device
+    syncs: copies to the device, and the other events outside HOST_PHASES except torch.optim's reads of its step
     counters (host tensors of the unfused CPU AdamW; on CUDA pretrain.py's AdamW is fused and keeps them on the
     device without reading them). The rest is listed as "host" (item() of a CPU tensor costs ~1 us, no stall)."""
     from collections import Counter
 
     def host(e):
-        if e[4] == "to_device":  # a copy from pageable host memory waits for the device's queue
+        if e[4] in ("host", "to_device"):  # a copy from pageable host memory waits for the device's queue
+            return e[4] == "host"
+        if str(device).startswith("cuda"):  # the counter saw the tensors' devices
             return False
         return e[1] in HOST_PHASES or (not str(device).startswith("cuda") and e[3].endswith("(torch.optim)"))
 
@@ -611,14 +628,15 @@ def bench_input(args, rest):
     workers = need / res["vitl_samples_per_s_per_worker"]
     res.update({"target_mfu": opt.mfu, "gpu_samples_per_s_at_target": round(need, 1),
                 "workers_per_gpu_needed": round(workers, 2)})
-    print(f"\nViT-L at {opt.mfu:.0%} MFU: {opt.mfu:.2f} x {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s (H100/H200 dense bf16) / "
+    print(f"\nViT-L at {opt.mfu:.0%} MFU: {opt.mfu:.2f} x {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s (H100/H200 dense bf16)"
+          f" / "
           f"{SAMPLE_FLOPS_VITL / 1e12:.1f} TFLOP per sample = {need:.0f} samples/s per GPU; / "
           f"{res['vitl_samples_per_s_per_worker']:.0f} samples/s per worker = {workers:.2f} -> "
           f"{math.ceil(workers)} worker process(es) per GPU (box reads only; cold disk reads are slower)")
     gbs = need * res["vitl_mb_per_sample"] / 1024
     res["read_gb_per_s_per_gpu"] = round(gbs, 2)
-    print(f"and {need:.0f} x {res['vitl_mb_per_sample']:.1f} MB = {gbs:.1f} GB/s of float16 boxes per GPU from the page "
-          f"cache or disk (the boxes are fractions of the volume: larger volumes read more per sample)")
+    print(f"and {need:.0f} x {res['vitl_mb_per_sample']:.1f} MB = {gbs:.1f} GB/s of float16 boxes per GPU from the "
+          f"page cache or disk (the boxes are fractions of the volume: larger volumes read more per sample)")
     if tmp:
         tmp.cleanup()
     return res

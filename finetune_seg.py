@@ -116,8 +116,9 @@ depth = None
 num_heads = None
 patch_size = 16  # random init only
 freeze_backbone = True  # the paper trains the head and adapter on a frozen ViT (--train-feature-model: False)
-grad_checkpoint = False  # recompute activations in backward (vit_adapter_unetr: head_kwargs with_cp, adapter and
-#                          decoder; other heads: a trained ViT's blocks): ViT-L 112^3 saves 1/4 of the bytes, ~1/3 more time
+grad_checkpoint = False  # recompute activations in backward (vit_adapter_unetr: with_cp, adapter and decoder;
+#   other heads: a trained ViT's blocks). Frozen ViT-L at 112^3, batch 8, bf16: ~1/3 of the bytes saved for backward
+#   (docs/performance.md), for one more forward of all but the SPM. On when a batch does not fit
 # loss
 loss = "dice_ce"  # "dice_ce", "dice" (softmax over num_classes) or "sigmoid_dice" (overlapping regions)
 regions = None  # sigmoid_dice: label values per region, e.g. [[1, 3], [1, 2, 3], [3]] (BraTS TC, WT, ET)

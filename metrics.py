@@ -7,6 +7,7 @@ and the experiments that compare them.
 - statistics over cases: `bootstrap_ci` (percentile bootstrap of a mean), `wilcoxon` (paired signed-rank test)
 - pretraining health: `collapse_monitors` (torch tensors in, floats out) and `collapse_state`, which pretrain.py
   logs and warns with (README "Reading the collapse monitors")
+- step profiling: `PhaseTimer`, the per-phase step times of pretrain.py --profile=True (docs/performance.md)
 
 Segmentation metrics skip class 0 (background) and return an array of length num_classes - 1 whose entry i is
 class i + 1. An undefined value is NaN, so `np.nanmean` over cases aggregates the defined ones; each function

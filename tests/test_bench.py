@@ -52,6 +52,19 @@ def test_sync_counter_counts_reads_and_data_dependent_shapes_only():
     assert all(e[3].startswith("tests/test_bench.py:") for e in c.events)  # call sites are named
 
 
+def test_sync_counter_on_a_device_tells_host_reads_from_copies():
+    # a run on a device (here "meta", which needs no GPU): reads of host tensors stall nothing (kind "host"), a
+    # blocking copy to the device is a sync wherever it happens, a non_blocking one is not
+    x = torch.randn(8)
+    with bench.SyncCounter("meta") as c:
+        float(x.sum())
+        x.to("meta")
+        x.to("meta", non_blocking=True)
+    assert [(e[2], e[4]) for e in c.events] == [("_local_scalar_dense", "host"), ("_to_copy", "to_device")]
+    s = bench.summarise_syncs([(1, "views", *e[2:]) for e in c.events], 2, "cuda")
+    assert s["per_step"] == 1 and s["host_per_step"] == 1
+
+
 def test_pretrain_step_makes_one_host_sync_outside_log_steps():
     # the tiny model of test_pretrain; 3 steps, the last one a log step
     tiny = ["--embed_dim=32", "--depth=4", "--num_heads=2", "--patch_size=8", "--global_crops_size=16",
