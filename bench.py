@@ -409,9 +409,10 @@ def count_pretrain_syncs(config, steps, extra):
     import metrics
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["pretrain.py", config, f"--out_dir={tmp}", f"--max_iters={steps}", f"--log_interval={steps}",
-                "--ckpt_interval=100000", "--export_interval=100000", "--visualize_at_end=False",
-                "--eval_at_end=False", "--profile=True", "--compile=False"] + extra
+        argv = ["pretrain.py", config] + extra + [  # last: these win over the same keys in extra
+            f"--out_dir={tmp}", f"--max_iters={steps}", f"--log_interval={steps}", "--ckpt_interval=100000",
+            "--export_interval=100000", "--visualize_at_end=False", "--eval_at_end=False", "--profile=True",
+            "--compile=False"]  # the dispatch mode would see compiled code's ops only at tracing
         old_argv, old_cwd = sys.argv, os.getcwd()
         sys.argv = argv
         os.chdir(os.path.dirname(os.path.abspath(__file__)))
