@@ -338,7 +338,9 @@ class ViTAdapter(nn.Module):
     ViT's own blocks, position embedding and CLS token are used as they are (the backbone may be frozen; gradients
     still flow *through* it to earlier injectors). with_cp checkpoints each injector, block group and extractor
     (use_reentrant=False): activations are recomputed in backward — the reference checkpoints only the injector
-    and extractor; at 112^3 the frozen ViT-L's activations are the bigger share."""
+    and extractor. ViTAdapterUNETR checkpoints its decoder stages under the same flag. At 112^3 with the ViT-L
+    frozen, the decoder and the extractors keep most of the saved activations, the frozen blocks ~3% (fp32,
+    docs/performance.md "Finetuning memory"): with_cp recomputes them in backward instead."""
 
     def __init__(self, vit: ViT3D, in_chans: int = 1, conv_inplane: int = 32, n_points: int = 4,
                  deform_num_heads: int = 8, init_values: float = 1e-6, cffn_ratio: float = 0.25,
@@ -552,10 +554,13 @@ class ViTAdapterUNETR(nn.Module):
 
     def forward(self, x):
         f1, f2, f3, f4 = self.adapter(x)
-        y = self.dec3(self.enc4(f4), self.enc3(f3))  # 1/16 -> 1/8, (B, 4F, ...)
-        y = self.dec2(y, self.enc2(f2))  # -> 1/4, 2F
-        y = self.dec1(y, self.enc1(f1))  # -> 1/2, F
-        y = self.dec0(y, self.enc0(x))  # -> 1/1, F
+        # with_cp: the decoder's stages are recomputed in backward too; at 112^3 their full- and half-resolution
+        # activations are the largest share of what a frozen-backbone step keeps (bench.py finetune_memory)
+        cp = self.adapter._cp
+        y = cp(self.dec3, cp(self.enc4, f4), cp(self.enc3, f3))  # 1/16 -> 1/8, (B, 4F, ...)
+        y = cp(self.dec2, y, cp(self.enc2, f2))  # -> 1/4, 2F
+        y = cp(self.dec1, y, cp(self.enc1, f1))  # -> 1/2, F
+        y = cp(self.dec0, y, cp(self.enc0, x))  # -> 1/1, F
         return self.out(y)  # (B, K, H, W, D)
 
 

@@ -4,7 +4,11 @@ bench.py — speed and memory, measured side by side in one run (never asserted 
     python bench.py augment [--image PATH] [--threads N] [--device cpu|cuda]
     python bench.py msda    [--device cuda] [--batch 1]
     python bench.py msda --compile-only   [--arch 80 90] [--dtypes float32 bfloat16 float16]   (no GPU needed)
-    python bench.py step    [--config configs/pretrain_demo.py] [--device cpu|cuda] [--iters 5]
+    python bench.py step    [--config configs/pretrain_demo.py] [--device cpu|cuda] [--iters 5] [--profile] [--k=v]
+    python bench.py input   [--out CACHE | --data_path CACHE]   (crop-box reads per worker; workers per GPU)
+    python bench.py finetune_memory [--device cuda] [--batch 1] [--dtypes float32 bfloat16]   (saved-for-backward bytes)
+
+Methods and results: docs/performance.md.
 
 Every subcommand prints a human-readable table and ends with ONE line holding a JSON object, so runs can be
 compared by script (`python bench.py augment | tail -1 | python -m json.tool`).
@@ -299,24 +303,197 @@ def compile_msda(archs, dtypes):
                                           "cases", "meta", "error")} for r in rows]}
 
 
+class SyncCounter:
+    """Count the ops that make the host wait for the device (a "host sync"), by phase of pretrain.py's step and by
+    call site. A TorchDispatchMode sees every aten op whatever the device, so the count is the same on CPU as on a
+    GPU for what it can see: a tensor read into Python (`.item()`, `float(t)`, `if t:` -> aten._local_scalar_dense),
+    ops whose output size depends on the data (nonzero, masked_select, boolean-mask indexing, unique,
+    repeat_interleave without output_size) and, on a GPU, blocking copies between the device and the host; on a GPU
+    a read of a host tensor is marked kind "host" (no stall). On CPU no op runs for `.tolist()`, `.numpy()`,
+    `.cpu()` or a copy to the run's device: a TorchFunctionMode counts those calls instead (kinds "to_host" and
+    "to_device"; the latter only from the repository's code, `.to(device)` without non_blocking=True). The phase
+    is read from metrics.PhaseTimer.current (pretrain.py --profile=True); events before the first mark: "setup".
+    Each event: (step, phase, op, call site, kind)."""
+
+    SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim",
+                "unique_consecutive", "repeat_interleave", "allclose", "masked_scatter_")
+
+    def __init__(self, device=None, root=None):
+        import os
+
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        self.root = root or os.path.dirname(os.path.abspath(__file__))
+        self.device = None if device is None else torch.device(device)  # copies to it are counted (kind to_device)
+        self.events = []  # (step, phase, op, site, kind)
+        counter, on_gpu = self, self.device is not None and self.device.type != "cpu"
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                op = func.overloadpacket.__name__
+                sync = op in SyncCounter.SYNC_OPS and not (op == "repeat_interleave" and kwargs.get("output_size"))
+                if op in ("index", "index_put_", "index_put") and any(
+                        isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()):
+                    sync = True  # a boolean mask as an index: its nonzero count sets the output size
+                kind = "read"
+                if op in ("_to_copy", "copy_"):
+                    src = args[1] if op == "copy_" else args[0]
+                    dst = torch.device(args[0].device if op == "copy_" else kwargs.get("device") or src.device)
+                    sync = src.device.type != dst.type and not kwargs.get("non_blocking", False)
+                    kind = "to_host" if dst.type == "cpu" else "to_device"
+                elif sync and on_gpu and not any(isinstance(a, torch.Tensor) and a.device.type != "cpu"
+                                                 for a in tree_leaves((args, kwargs))):
+                    kind = "host"  # a read of a host tensor: no stall
+                if sync:
+                    counter.record(op, kind, filter_callers=False)
+                return func(*args, **kwargs)
+
+        class FunctionMode(TorchFunctionMode):
+            # what the dispatcher does not see on CPU: reads into Python and copies to the run's device
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                name = getattr(func, "__name__", "")
+                if on_gpu:  # the dispatcher sees the real copies
+                    pass
+                elif name in ("tolist", "numpy", "cpu"):
+                    counter.record(name, kind="to_host")
+                elif name in ("to", "tensor", "as_tensor") and not kwargs.get("non_blocking", False):
+                    dev = kwargs.get("device", next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
+                    if dev is not None and counter.device is not None and torch.device(dev) == counter.device:
+                        counter.record(name, kind="to_device")
+                return func(*args, **kwargs)
+
+        self.mode, self.function_mode = Mode(), FunctionMode()
+
+    def record(self, op, kind="read", filter_callers=True):
+        import os
+
+        import metrics
+
+        def ours(frame):  # a frame of the repo's code, bench.py excepted
+            name = frame.f_code.co_filename
+            return name.startswith(self.root) and os.path.basename(name) != "bench.py"
+
+        f = sys._getframe(2)
+        if kind == "to_device" and filter_callers and not ours(f):
+            return  # torch's own .to(device) calls (clip_grad_norm_, optimizers) move device tensors to the device
+        while f is not None and not ours(f):
+            f = f.f_back
+        site = f"{f.f_code.co_filename[len(self.root) + 1:]}:{f.f_lineno}" if f else "?"
+        g, in_optim = sys._getframe(2), False  # torch.optim's own reads of its per-parameter step counters
+        while g is not None and g is not f:
+            in_optim |= f"torch{os.sep}optim{os.sep}" in g.f_code.co_filename
+            g = g.f_back
+        timer = metrics.PhaseTimer.current
+        step, phase = (timer.steps, timer.phase or "setup") if timer else (0, "setup")
+        self.events.append((step, phase, op, site + (" (torch.optim)" if in_optim else ""), kind))
+
+    def __enter__(self):
+        self.function_mode.__enter__()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+        return self.function_mode.__exit__(*exc)
+
+
+def count_pretrain_syncs(config, steps, extra):
+    """Run pretrain.py in this process under a SyncCounter for `steps` steps (log_interval = steps, so the last
+    step is the only log step) and return the events of the steps, by phase and site."""
+    import os
+    import runpy
+    import tempfile
+
+    import metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = ["pretrain.py", config] + extra + [  # last: these win over the same keys in extra
+            f"--out_dir={tmp}", f"--max_iters={steps}", f"--log_interval={steps}", "--ckpt_interval=100000",
+            "--export_interval=100000", "--visualize_at_end=False", "--eval_at_end=False", "--profile=True",
+            "--compile=False"]  # the dispatch mode would see compiled code's ops only at tracing
+        old_argv, old_cwd = sys.argv, os.getcwd()
+        sys.argv = argv
+        os.chdir(os.path.dirname(os.path.abspath(__file__)))
+        try:
+            dev = next((a.split("=", 1)[1] for a in extra if a.startswith("--device=")), "cpu")
+            with SyncCounter("cuda" if dev == "auto" and torch.cuda.is_available() else dev) as counter:
+                runpy.run_path(os.path.abspath("pretrain.py"), run_name="__main__")
+        finally:
+            sys.argv = old_argv
+            os.chdir(old_cwd)
+            metrics.PhaseTimer.current = None
+    return [e for e in counter.events if 1 <= e[0] <= steps]
+
+
+HOST_PHASES = ("data", "views")  # their tensors are on the host in a GPU run too (see count_pretrain_syncs)
+
+
+def summarise_syncs(events, steps, device="cpu"):
+    """Syncs per ordinary step and in the log step, by phase, and the call sites of the ordinary steps'.
+    On a GPU the counter saw each tensor's device: every event but kind "host" is a sync. On CPU, counted as device
+    syncs: copies to the device, and the other events outside HOST_PHASES except torch.optim's reads of its step
+    counters (host tensors of the unfused CPU AdamW; on CUDA pretrain.py's AdamW is fused and keeps them on the
+    device without reading them). The rest is listed as "host" (item() of a CPU tensor costs ~1 us, no stall)."""
+    from collections import Counter
+
+    def host(e):
+        if e[4] in ("host", "to_device"):  # a copy from pageable host memory waits for the device's queue
+            return e[4] == "host"
+        if str(device).startswith("cuda"):  # the counter saw the tensors' devices
+            return False
+        return e[1] in HOST_PHASES or (not str(device).startswith("cuda") and e[3].endswith("(torch.optim)"))
+
+    host_events = [e for e in events if e[0] < steps and host(e)]
+    events = [e for e in events if not host(e)]
+    plain = [e for e in events if e[0] < steps]  # steps 1 .. steps-1 are not log steps
+    n_plain = max(steps - 1, 1)
+    by_phase = Counter(e[1] for e in plain)
+    sites = Counter(f"{e[1]} {e[3]} {e[2]}" for e in plain)
+    log_step = [e for e in events if e[0] == steps]
+    return {"per_step": len(plain) / n_plain,
+            "per_step_by_phase": {k: v / n_plain for k, v in sorted(by_phase.items())},
+            "log_step": len(log_step),
+            "log_step_by_phase": dict(sorted(Counter(e[1] for e in log_step).items())),
+            "sites_per_step": {k: v / n_plain for k, v in sites.most_common()},
+            "host_per_step": len(host_events) / n_plain,
+            "host_sites_per_step": {k: v / n_plain for k, v in
+                                    Counter(f"{e[1]} {e[3]} {e[2]}" for e in host_events).most_common()}}
+
+
+PHASES = ("data", "views", "teacher", "targets", "student", "heads_losses", "backward", "clip_optim", "ema", "log")
+
+
 def bench_step(args, rest):
     """Step time and samples/s of the real training script: runs `pretrain.py <config>` for warm-up + timed
-    steps in a temporary out_dir and reads its log.jsonl (one log line per step), so what is measured is exactly
-    what training runs (data loading, batched augmentation, teacher, student, EMA). On a GPU the log also carries
-    the bf16 MFU estimate (pretrain.py's documented FLOP count / the device's dense bf16 peak) and peak memory.
-    Extra `--key=value` arguments are passed to pretrain.py (e.g. --batch_size=64 --compile=True)."""
+    steps in a temporary out_dir and reads its log.jsonl, so what is measured is exactly what training runs (data
+    loading, batched augmentation, teacher, student, EMA). On a GPU the log also carries the bf16 MFU estimate
+    (pretrain.py's documented FLOP count / the device's dense bf16 peak) and peak memory. Extra `--key=value`
+    arguments are passed to pretrain.py (e.g. --batch_size=64 --compile=True --data_path=cache/).
+
+    --profile: pretrain.py runs with profile=True and log_interval = --iters, after as many warm-up steps, so the
+    timed row holds one log step in --iters steps, as a run with that log_interval does. Its "phase_ms" (one
+    metrics.PhaseTimer mark per phase in pretrain.py's loop: wall clock on CPU, CUDA events on a GPU) is printed
+    as a table with each phase's share of the step. Then pretrain.py runs 3 more steps in this process under a
+    SyncCounter: the host syncs of an ordinary step and of a log step, by phase and call site."""
     import os
     import subprocess
     import tempfile
 
     config = args.config or "configs/pretrain_demo.py"
-    warmup, timed = 2, args.iters or 5
+    timed = args.iters or 5
+    warmup = timed if args.profile else 2
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "pretrain.py", config, f"--out_dir={tmp}", f"--max_iters={warmup + timed}",
-               "--log_interval=1", "--ckpt_interval=100000", "--export_interval=100000",
-               "--visualize_at_end=False", f"--device={args.device}"]
+               f"--log_interval={timed if args.profile else 1}", "--ckpt_interval=100000", "--export_interval=100000",
+               "--visualize_at_end=False", "--eval_at_end=False", f"--device={args.device}"]
         if args.batch:
             cmd.append(f"--batch_size={args.batch}")
+        if args.profile:
+            cmd.append("--profile=True")
         cmd += rest
         env = dict(os.environ)
         if args.threads:
@@ -332,21 +509,278 @@ def bench_step(args, rest):
     sps = mean("samples_per_s")
     out = {"config": config, "batch_size": cfg["batch_size"], "samples_per_s": sps,
            "step_ms": 1e3 * cfg["batch_size"] / sps, "data_wait_frac": mean("data_wait_frac"),
-           "mfu": mean("mfu"), "peak_mem_gb": mean("peak_mem_gb"), "timed_steps": len(steps)}
+           "mfu": mean("mfu"), "peak_mem_gb": mean("peak_mem_gb"), "timed_steps": timed}
     print(f"{config}: batch {cfg['batch_size']}, {out['step_ms']:.0f} ms/step, {sps:.2f} samples/s, "
           f"data wait {out['data_wait_frac']:.0%}" + (f", MFU {out['mfu']:.1%}" if out["mfu"] else ""))
+    if not args.profile:
+        return out
+
+    # ------------------------------------------------------------------------------------ where a step goes
+    phase_ms = steps[-1]["phase_ms"]
+    total = phase_ms.pop("step_ms")
+    out["phase_ms"] = {k: round(phase_ms[k], 2) for k in PHASES if k in phase_ms}
+    out["phase_sum_ms"] = round(total, 2)
+    timing = "CUDA events" if str(args.device).startswith("cuda") else "wall clock"
+    print(f"\nwhere a step goes ({timing}, mean of {timed} steps, one of them a log step; threads "
+          f"{args.threads or 'default'})")
+    print(f"{'phase':<14}{'ms':>10}{'share':>8}")
+    for k, v in out["phase_ms"].items():
+        print(f"{k:<14}{v:>10.1f}{v / total:>8.1%}")
+    print(f"{'sum of phases':<14}{total:>10.1f}   measured step (log rows' wall clock): {out['step_ms']:.1f} ms")
+
+    # ------------------------------------------------------------------------------------------- host syncs
+    if args.no_syncs:
+        return out
+    n = 3
+    extra = [f"--device={args.device}"] + ([f"--batch_size={args.batch}"] if args.batch else []) + rest
+    events = count_pretrain_syncs(config, n, extra)
+    syncs = summarise_syncs(events, n, args.device)
+    out["syncs_per_step"] = syncs["per_step"]
+    out["syncs"] = syncs
+    print(f"\nhost syncs (bench.SyncCounter over {n} steps): {syncs['per_step']:g} per ordinary step "
+          f"{syncs['per_step_by_phase']}, {syncs['log_step']} in a log step {syncs['log_step_by_phase']}")
+    for site, k in syncs["sites_per_step"].items():
+        print(f"  {k:5g} x per step  {site}")
+    print(f"reads of host tensors (no GPU stall; data/views phases, CPU AdamW counters): {syncs['host_per_step']:g} "
+          f"per step, the largest: " + ", ".join(f"{s} x{k:g}" for s, k in
+                                                 list(syncs["host_sites_per_step"].items())[:4]))
     return out
+
+
+H100_BF16_FLOPS = 989e12  # dense bf16 peak of an H100 / H200 SXM
+SAMPLE_FLOPS_VITL = 1.5e12  # one sample's training FLOPs (fwd + bwd) at the paper's crops: pretrain.flops_per_image
+
+
+def prepare_phantom_cache(out, n, shape):
+    """n phantoms (data.SyntheticVolumes) written as int16 .nii.gz, as CT files are stored, then `data.prepare`d
+    into the cache folder `out`, as a real dataset would be. Returns the index."""
+    import os
+
+    import nibabel as nib
+    import numpy as np
+
+    import data
+
+    raw = os.path.join(out, "nifti")
+    os.makedirs(raw, exist_ok=True)
+    vols = data.SyntheticVolumes(n, tuple(shape), seed=0)
+    for i in range(n):
+        path = os.path.join(raw, f"phantom_{i:03d}.nii.gz")
+        if not os.path.exists(path):
+            vol = vols[i]["image"][0].numpy()  # (H, W, D) in [-1, 1]
+            nib.save(nib.Nifti1Image(np.rint(vol * 1000).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1.0])), path)
+    data.prepare(raw, out, workers=min(8, os.cpu_count() or 1), progress=False)
+    return data.load_index(out)
+
+
+def bench_input(args, rest):
+    """The real-data input path: what one DataLoader worker process delivers. The workers of pretrain.py only read
+    the 2 global + n_local local crop boxes of a sample from the prepared, memory-mapped cache (float16 -> float32;
+    resizing, augmentation and masks run batched on the device, augment.make_views). Timed here in one process =
+    one worker = one core, warm page cache, at the ViT-L crops (2 x 96^3 + 8 x 48^3) and at the demo's
+    (2 x 48^3 + 4 x 24^3); then the workers per GPU that a step at 40% MFU needs.
+
+    The cache: --data_path DIR (a prepared cache, e.g. real volumes from `python data.py prepare`), else --volumes
+    phantoms of --shape written as .nii.gz and prepared into --out (kept, for `bench.py step --data_path=...`) or
+    a temporary folder."""
+    import math
+    import os
+    import tempfile
+
+    import data
+
+    p = argparse.ArgumentParser(prog="bench.py input")
+    p.add_argument("--data_path", default=None, help="an existing prepared cache folder")
+    p.add_argument("--out", default=None, help="where to prepare the phantom cache (kept)")
+    p.add_argument("--volumes", type=int, default=8)
+    p.add_argument("--shape", type=int, nargs=3, default=[256, 256, 128], help="phantom (H, W, D)")
+    p.add_argument("--mfu", type=float, default=0.40)
+    opt = p.parse_args(rest)
+    tmp = None
+    cache = opt.data_path
+    if cache is None:
+        cache = opt.out or (tmp := tempfile.TemporaryDirectory()).name
+        t0 = time.perf_counter()
+        prepare_phantom_cache(cache, opt.volumes, opt.shape)
+        print(f"prepared {opt.volumes} phantoms {opt.shape} into {cache} in {time.perf_counter() - t0:.0f} s")
+    index = data.load_index(cache)
+    shapes = [e["shape"] for e in index["entries"]]
+    print(f"cache {cache}: {len(shapes)} volumes, e.g. {shapes[0]} (float16 .npy, memory-mapped)")
+    iters = args.iters or 50
+    res = {"cache": cache, "volumes": len(shapes)}
+    print(f"\n{'crops per sample':<34}{'ms/sample':>10}{'samples/s per worker':>22}{'MB read':>9}")
+    for name, S, s, n_local in (("vitl", 96, 48, 8), ("demo", 48, 24, 4)):
+        ds = data.PretrainDataset(cache, global_crops_size=S, local_crops_size=s, n_local=n_local, seed=0)
+        for k in range(3):  # warm-up: page cache, first mmaps
+            ds[k]
+        passes = []  # the same samples 3 times, the fastest pass: the machine's other load only slows a pass down
+        for _ in range(3):
+            t0, mb = time.perf_counter(), 0.0
+            for k in range(3, 3 + iters):
+                item = ds[k]
+                mb += sum(c.numel() * 2 for c in item["global_crops"] + item["local_crops"]) / 2**20  # float16 read
+            passes.append((time.perf_counter() - t0) * 1e3 / iters)
+        ms = min(passes)
+        res[f"{name}_ms_per_sample"] = round(ms, 2)
+        res[f"{name}_passes_ms"] = [round(t, 2) for t in passes]
+        res[f"{name}_mb_per_sample"] = round(mb / iters, 2)
+        res[f"{name}_samples_per_s_per_worker"] = round(1e3 / ms, 1)
+        label = f"{name}: 2 x {S}^3 + {n_local} x {s}^3 boxes"
+        print(f"{label:<34}{ms:>10.2f}{1e3 / ms:>22.1f}{mb / iters:>9.1f}")
+    need = opt.mfu * H100_BF16_FLOPS / SAMPLE_FLOPS_VITL  # samples/s one GPU consumes at that MFU
+    workers = need / res["vitl_samples_per_s_per_worker"]
+    res.update({"target_mfu": opt.mfu, "gpu_samples_per_s_at_target": round(need, 1),
+                "workers_per_gpu_needed": round(workers, 2)})
+    print(f"\nViT-L at {opt.mfu:.0%} MFU: {opt.mfu:.2f} x {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s (H100/H200 dense bf16)"
+          f" / "
+          f"{SAMPLE_FLOPS_VITL / 1e12:.1f} TFLOP per sample = {need:.0f} samples/s per GPU; / "
+          f"{res['vitl_samples_per_s_per_worker']:.0f} samples/s per worker = {workers:.2f} -> "
+          f"{math.ceil(workers)} worker process(es) per GPU (box reads only; cold disk reads are slower)")
+    gbs = need * res["vitl_mb_per_sample"] / 1024
+    res["read_gb_per_s_per_gpu"] = round(gbs, 2)
+    print(f"and {need:.0f} x {res['vitl_mb_per_sample']:.1f} MB = {gbs:.1f} GB/s of float16 boxes per GPU from the "
+          f"page cache or disk (the boxes are fractions of the volume: larger volumes read more per sample)")
+    if tmp:
+        tmp.cleanup()
+    return res
+
+
+def saved_bytes_by_group(net, x, groups, autocast_dtype=None):
+    """Bytes autograd keeps for backward after one forward + loss of `net` on x, by module group: a
+    torch.autograd.graph.saved_tensors_hooks pack hook sees every tensor an op saves and charges its storage
+    (counted once, parameters excluded: they are held anyway) to the innermost module on the forward-hook stack
+    that `groups` ({module: name}) names ("other" if none). Regions under torch.utils.checkpoint save nothing the
+    hook sees; the inputs each region keeps for its recomputation are charged to "checkpoint_inputs" (the
+    checkpoint call is wrapped for that). Under autocast, the bf16 copies of the weights that ops save (a saved
+    non-fp32 tensor of a parameter's shape) go to "weight_casts": they do not grow with the batch.
+    Device-independent: the same tensors are saved on a GPU."""
+    import torch.utils.checkpoint as tuc
+
+    stack, seen, out = [], set(), {}
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    param_shapes = {tuple(p.shape) for p in net.parameters()}
+
+    def charge(t, name=None):
+        s = t.untyped_storage()
+        if s.data_ptr() in seen or s.data_ptr() in params:
+            return
+        seen.add(s.data_ptr())
+        if name is None and t.dtype != torch.float32 and tuple(t.shape) in param_shapes:
+            name = "weight_casts"  # autocast's bf16 copy of a weight: one per forward, whatever the batch
+        name = name or next((groups[m] for m in reversed(stack) if m in groups), "other")
+        out[name] = out.get(name, 0) + s.nbytes()
+
+    def pack(t):
+        charge(t)
+        return t
+
+    hooks = [m.register_forward_pre_hook(lambda m, a: stack.append(m)) for m in net.modules()]
+    hooks += [m.register_forward_hook(lambda m, a, o: (stack.pop(), None)[1]) for m in net.modules()]
+    real_cp = tuc.checkpoint
+
+    def counting_cp(fn, *args, **kw):
+        for a in args:
+            if isinstance(a, torch.Tensor):
+                charge(a, "checkpoint_inputs")
+        return real_cp(fn, *args, **kw)
+
+    tuc.checkpoint = counting_cp
+    try:
+        dev = x.device.type
+        ctx = torch.autocast(dev, dtype=autocast_dtype) if autocast_dtype else torch.autocast(dev, enabled=False)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+            y = net(x)
+            loss = y.float().square().mean()  # stands in for Dice + CE: (B, K, H, W, D) -> scalar
+    finally:
+        tuc.checkpoint = real_cp
+        for h in hooks:
+            h.remove()
+    return out, loss
+
+
+def bench_finetune_memory(args, rest):
+    """Bytes saved for backward by one ViT-L + ViT-Adapter + UNETR training step at 112^3 with the ViT frozen
+    (finetune_seg.py's default: the paper's setting), per module group, fp32 and under bf16 autocast, without
+    and with activation checkpointing (adapter.ViTAdapter with_cp / finetune_seg.py grad_checkpoint). Measured at
+    --batch (default 1) on CPU: saved activations scale linearly with the batch (every saved tensor has the batch
+    as its leading dimension), so batch 8 is 8x. --arch/--crop for a smaller check.
+    On CUDA (--device cuda, default batch 8) it also times forward + backward and reads the peak memory of the
+    step (the model, its activations and gradients; finetune_seg.py adds the AdamW state of the trained part)."""
+    import adapter
+    import model
+
+    p = argparse.ArgumentParser(prog="bench.py finetune_memory")
+    p.add_argument("--arch", default="vit_large")
+    p.add_argument("--crop", type=int, default=112)
+    p.add_argument("--num_classes", type=int, default=14)
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--with_cp", nargs="+", default=["False", "True"], choices=["False", "True"])
+    opt = p.parse_args(rest)
+    cuda = str(args.device).startswith("cuda")
+    B = args.batch or (8 if cuda else 1)
+    S, scale = opt.crop, 8 / B
+    torch.manual_seed(0)
+    vit = model.ARCHS[opt.arch](img_size=S).requires_grad_(False).eval()  # frozen, as finetune_seg.py runs it
+    x = torch.randn(B, 1, S, S, S, device=args.device)
+    result = {"arch": opt.arch, "crop": S, "batch": B, "frozen_backbone": True}
+    print(f"{opt.arch} + ViT-Adapter + UNETR at {S}^3, batch {B}, ViT frozen: bytes saved for backward "
+          f"(GiB; batch 8 = {scale:g} x the batch-{B} bytes, autocast weight copies once)")
+    for dt in opt.dtypes:
+        for cp in [c == "True" for c in opt.with_cp]:
+            net = adapter.ViTAdapterUNETR(vit, 1, opt.num_classes, with_cp=cp).to(args.device).train()
+            net.vit.eval()
+            a = net.adapter
+            groups = {**{b: "vit_blocks" for b in vit.blocks}, vit.patch_embed: "vit_embed", a.spm: "spm",
+                      **{i.injector: "injector" for i in a.interactions},
+                      **{e: "extractor" for i in a.interactions for e in [i.extractor, *i.extra_extractors]},
+                      **{m: "adapter_out" for m in [a.up, *a.norms, *a.channel_mix]}}
+            groups.update({m: "decoder" for n, m in net.named_children() if n != "adapter"})
+            t0 = time.perf_counter()
+            by, loss = saved_bytes_by_group(net, x, groups, None if dt == "float32" else getattr(torch, dt))
+            del loss
+            total = sum(by.values())
+            fixed = by.get("weight_casts", 0)
+            key = f"{dt}_{'checkpoint' if cp else 'plain'}"
+            result[key] = {k: v for k, v in sorted(by.items(), key=lambda kv: -kv[1])}
+            result[key]["total"] = total
+            result[key]["batch8_estimate"] = int((total - fixed) * scale + fixed)
+            print(f"\n{dt}, with_cp={cp}: {total / 2**30:.3f} GiB at batch {B} -> "
+                  f"{result[key]['batch8_estimate'] / 2**30:.1f} GiB at batch 8 (weight casts once)  "
+                  f"({time.perf_counter() - t0:.0f} s)")
+            for k, v in result[key].items():
+                if k not in ("total", "batch8_estimate"):
+                    print(f"  {k:<18}{v / 2**30:>9.3f} GiB {v / total:>6.1%}")
+            if cuda:  # the real step: forward + backward, its time and the allocator's peak
+                ctx = torch.autocast("cuda", dtype=getattr(torch, dt), enabled=dt != "float32")
+
+                def step():
+                    with ctx:
+                        loss = net(x).float().square().mean()
+                    loss.backward()
+                    net.zero_grad(set_to_none=True)
+
+                step()
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                ms = timeit(step, warmup=0, iters=3, device="cuda")
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                result[key].update({"fwd_bwd_ms": round(ms, 1), "peak_gib": round(peak, 2)})
+                print(f"  CUDA forward + backward at batch {B}: {ms:.0f} ms, peak {peak:.1f} GiB")
+            del net
+    return result
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["augment", "msda", "step"])
+    p.add_argument("what", choices=["augment", "msda", "step", "finetune_memory", "input"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--image", default=None, help="augment: benchmark on this volume instead of a synthetic one")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: per subcommand)")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: per subcommand)")
     p.add_argument("--config", default=None, help="step: a pretrain config file (default: the demo config)")
+    p.add_argument("--profile", action="store_true", help="step: per-phase times and host syncs of the step")
+    p.add_argument("--no_syncs", action="store_true", help="step --profile: skip the host-sync count")
     args, rest = p.parse_known_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -123,6 +123,9 @@ depth = None
 num_heads = None
 patch_size = 16  # random init only
 freeze_backbone = True  # the paper trains the head and adapter on a frozen ViT (--train-feature-model: False)
+grad_checkpoint = False  # recompute activations in backward (vit_adapter_unetr: with_cp, adapter and decoder;
+#   other heads: a trained ViT's blocks). Frozen ViT-L at 112^3, batch 8, bf16: ~1/3 of the bytes saved for backward
+#   (docs/performance.md), for one more forward of all but the SPM. On when a batch does not fit
 # loss
 loss = "dice_ce"  # "dice_ce", "dice" (softmax over num_classes) or "sigmoid_dice" (overlapping regions)
 regions = None  # sigmoid_dice: label values per region, e.g. [[1, 3], [1, 2, 3], [3]] (BraTS TC, WT, ET)
@@ -170,6 +173,8 @@ if random_init and not pretrained:
     raise ConfigError("random_init=True needs pretrained=<checkpoint> (whose architecture it builds); "
                       "without a checkpoint pretrained=None already means random init of arch")
 head_kw, head_kw_dropped = adapter.head_options(head, head_kwargs)  # a typo fails here, before any data is read
+if grad_checkpoint and head == "vit_adapter_unetr":
+    head_kw["with_cp"] = True
 
 # -----------------------------------------------------------------------------
 # DDP and device (nanoGPT style; every rank trains on its own crops, validation cases are split over ranks)
@@ -393,6 +398,8 @@ else:
     backbone_desc = "random init"
 if freeze_backbone:
     vit.requires_grad_(False)
+if grad_checkpoint and head != "vit_adapter_unetr":
+    vit.grad_checkpointing = True  # the ViT's own: acts only while it trains (freeze_backbone=False)
 if head_kw_dropped and master_process:
     print(f"head {head!r} does not take head_kwargs {head_kw_dropped} (options of another head): dropped")
 net = adapter.build_segmenter(head, vit, in_chans, n_out, **head_kw).to(device)

@@ -7,6 +7,7 @@ and the experiments that compare them.
 - statistics over cases: `bootstrap_ci` (percentile bootstrap of a mean), `wilcoxon` (paired signed-rank test)
 - pretraining health: `collapse_monitors` (torch tensors in, floats out) and `collapse_state`, which pretrain.py
   logs and warns with (README "Reading the collapse monitors")
+- step profiling: `PhaseTimer`, the per-phase step times of pretrain.py --profile=True (docs/performance.md)
 
 Segmentation metrics skip class 0 (background) and return an array of length num_classes - 1 whose entry i is
 class i + 1. An undefined value is NaN, so `np.nanmean` over cases aggregates the defined ones; each function
@@ -15,6 +16,7 @@ label maps may be float (as `nibabel`'s get_fdata returns them) as long as every
 """
 
 import math
+import time
 
 import numpy as np
 import torch
@@ -353,3 +355,53 @@ def pretrain_summary(rows: list[dict], n_prototypes: int, p_mask: float, ibot_pr
     return (f"pretraining: DINO loss {rows[0]['dino_loss']:.3f} -> {dino:.3f} = {dino / ln_k:.3f} ln K over the last "
             f"{len(tail)} of {len(rows)} log rows: {verdict}; iBOT {rows[0]['ibot_loss']:.3f} -> {ibot:.3f} = "
             f"{ibot / ibot_floor:.2f} x its no-information value {p_mask:g} ln K")
+
+
+# -----------------------------------------------------------------------------
+# step profiling: where the time of a training step goes
+
+
+class PhaseTimer:
+    """Time the phases of a training loop without adding host syncs: `mark(name)` ends the phase that is open and
+    opens `name`; `mark(name, new_step=True)` also starts a new step. `read()` returns the mean ms per
+    step of every phase over the steps completed since the previous read, and their sum as `step_ms`.
+
+    On CUDA a mark records an event in the current stream, so a phase is its span on the GPU's timeline (a data
+    wait is then the time the GPU sat idle waiting for the host); only `read()`, called at log steps, waits for
+    the events. On CPU a mark reads the wall clock. Disabled (enabled=False), a mark is a no-op."""
+
+    current = None  # the last timer created: bench.py's sync counter reads its open phase
+
+    def __init__(self, enabled: bool, device: str):
+        self.enabled, self.cuda = enabled, str(device).startswith("cuda")
+        self.phase, self.marks, self.steps = None, [], 0  # marks: (phase, event or perf_counter time, new step)
+        PhaseTimer.current = self
+
+    def mark(self, phase: str, new_step: bool = False) -> None:
+        if not self.enabled:
+            return
+        if self.cuda:
+            t = torch.cuda.Event(enable_timing=True)
+            t.record()
+        else:
+            t = time.perf_counter()
+        self.steps += new_step
+        self.marks.append((phase, t, new_step))
+        self.phase = phase
+
+    def read(self) -> dict:
+        """{phase: ms per step} over the completed steps since the last read (the open step carries over)."""
+        starts = [i for i, m in enumerate(self.marks) if m[2]]
+        if len(starts) < 2:
+            return {}
+        done, self.marks = self.marks[:starts[-1] + 1], self.marks[starts[-1]:]
+        if self.cuda:
+            done[-1][1].synchronize()
+            ms = [a[1].elapsed_time(b[1]) for a, b in zip(done, done[1:])]
+        else:
+            ms = [1e3 * (b[1] - a[1]) for a, b in zip(done, done[1:])]
+        out = {}
+        for (phase, *_), t in zip(done, ms):
+            out[phase] = out.get(phase, 0.0) + t / (len(starts) - 1)
+        out["step_ms"] = sum(ms) / (len(starts) - 1)
+        return out

@@ -47,6 +47,7 @@ from cache import PretrainDataset, StepSampler, collate_pretrain, open_cache
 # I/O
 out_dir = "out/pretrain"
 log_interval = 10  # steps between log lines (loss values are all-reduced and synced only then)
+profile = False  # per-phase ms of the step in each log row ("phase_ms"; CUDA events: no added host sync)
 ckpt_interval = 3750  # steps between resumable checkpoints (reference: every 3750 it)
 export_interval = 12500  # steps between teacher exports (reference: eval_period_iterations)
 resume = False  # continue the run in out_dir from ckpt.pt (an error if there is none)
@@ -247,6 +248,7 @@ class MultiCropModel(nn.Module):
         g, l = self.backbone.forward_features_list([global_crops, local_crops], [masks, None])
         cls_g, cls_l = g["x_norm_clstoken"], l["x_norm_clstoken"]  # (2b, E), (n_local b, E)
         dino_logits = self.dino_head(torch.cat([cls_g, cls_l]))  # (2b + n_local b, K)
+        prof.mark("heads_losses")
         masked_tokens = g["x_norm_patchtokens"].flatten(0, 1)[mask_indices]  # (2b, N, E) -> (M, E)
         ibot_logits = self.ibot_head(masked_tokens)  # (M, K)
         return dino_logits[: len(cls_g)], dino_logits[len(cls_g):], ibot_logits, cls_g
@@ -393,6 +395,7 @@ def teacher_targets(views_list, temp):
             cls_tokens.append(out["x_norm_clstoken"].float())  # (2b, E), for the collapse monitors
             cls_logits.append(teacher.dino_head(out["x_norm_clstoken"]).float())  # (2b, K)
             masked_tokens.append(out["x_norm_patchtokens"].flatten(0, 1)[v["mask_indices_list"]])  # (M, E)
+    prof.mark("targets")
     all_cls = torch.cat(cls_logits)
     if centering == "sinkhorn_knopp":
         probs = losses.sinkhorn_knopp(all_cls, temp)
@@ -452,6 +455,7 @@ MONITORS = ("dino_target_entropy", "dino_marginal_entropy", "ibot_target_entropy
             "layerscale_gamma")
 # collapse warnings only once the lr has warmed up and the run has had a fifth of its steps to leave the start
 collapse_check_from, warned = max(warmup_iters, max_iters // 5), False
+prof = metrics.PhaseTimer(profile, device)  # phase marks below: one line each, no-ops unless profile=True
 for it in range(start_step, max_iters):
     # every random draw of step `it` derives from (seed, rank, it): the data sample counters (StepSampler), the
     # augmentation generator below and the global RNG (drop path), re-seeded here; so a killed and resumed run
@@ -470,15 +474,18 @@ for it in range(start_step, max_iters):
     t0 = time.perf_counter()
     views_list = []
     for micro in range(grad_accum_steps):
+        prof.mark("data", new_step=micro == 0)
         if batches_from:
             views_list.append(stored_views[it * grad_accum_steps + micro])
             continue
         raw = next(batches)
+        prof.mark("views")
         views_list.append(augment.make_views(raw, global_crops_size, local_crops_size, patch_size, gen, device,
                                              mask_ratio_min_max, mask_sample_probability))
     data_wait += time.perf_counter() - t0
 
     # teacher targets (no grad) for the whole step
+    prof.mark("teacher")
     dino_targets, teacher_masked, monitor_in = teacher_targets(views_list, temp_now)
 
     # student forward/backward, micro-step by micro-step
@@ -487,7 +494,9 @@ for it in range(start_step, max_iters):
     for micro, v in enumerate(views_list):
         sync = nullcontext() if (not ddp or micro == grad_accum_steps - 1) else student.no_sync()
         with sync:
+            prof.mark("targets")
             ibot_t = ibot_targets(teacher_masked[micro], temp_now)
+            prof.mark("student")
             with autocast:
                 s_glob, s_loc, s_ibot, cls_g = student(v["global_crops"], v["local_crops"], v["masks"],
                                                        v["mask_indices_list"])
@@ -496,21 +505,22 @@ for it in range(start_step, max_iters):
             ibot = losses.ibot_loss(s_ibot, ibot_t, v["masks_weight"], len(cls_g), student_temp)
             koleo = sum(losses.koleo_loss(c) for c in cls_g.chunk(2))  # per global crop, not across
             loss = dino_loss_weight * dino + ibot_loss_weight * ibot + koleo_loss_weight * koleo
+            prof.mark("backward")
             (loss / grad_accum_steps).backward()
         for k, val in (("dino_loss", dino), ("ibot_loss", ibot), ("koleo_loss", koleo_loss_weight * koleo)):
             terms[k] += val.detach() / grad_accum_steps
-    total = sum(terms.values())
-    check = total.detach().clone()
+    prof.mark("clip_optim")
+    # clip each student sub-module on its own (reference), step, EMA. One host sync checks the loss and the
+    # pre-clip grad norms (a finite loss can still overflow in backward) before the step; the norms stay tensors
+    grad_norms = {k: torch.nn.utils.clip_grad_norm_(m.parameters(), clip_grad) for k, m in submodules.items()}
+    check = torch.stack([sum(terms.values()).detach(), *grad_norms.values()]).float()  # (4,): loss, 3 norms
     if ddp:
         dist.all_reduce(check)  # every rank stops together when any rank's loss is not finite
-    if not torch.isfinite(check):
-        stop_nonfinite(it, ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items()))
-
-    # clip each student sub-module on its own (reference), step, EMA
-    grad_norms = {k: float(torch.nn.utils.clip_grad_norm_(m.parameters(), clip_grad)) for k, m in submodules.items()}
-    if not all(math.isfinite(v) for v in grad_norms.values()):  # a finite loss can still overflow in backward
-        stop_nonfinite(it, ", ".join(f"grad_norm_{k}={v:.4g}" for k, v in grad_norms.items()))
+    if not bool(torch.isfinite(check).all()):
+        what = terms if not math.isfinite(check[0]) else {f"grad_norm_{k}": v for k, v in grad_norms.items()}
+        stop_nonfinite(it, ", ".join(f"{k}={float(v):.4g}" for k, v in what.items()))
     optimizer.step()
+    prof.mark("ema")
     with torch.no_grad():  # teacher <- m teacher + (1 - m) student
         torch._foreach_mul_(teacher_params, mom_now)
         torch._foreach_add_(teacher_params, student_params, alpha=1 - mom_now)
@@ -518,6 +528,7 @@ for it in range(start_step, max_iters):
     loss_sum += torch.stack([terms["dino_loss"], terms["ibot_loss"], terms["koleo_loss"]]).detach().double()
 
     # logging, checkpoints, exports
+    prof.mark("log")
     step = it + 1
     if step % log_interval == 0 or step == max_iters:
         # collapse monitors (metrics.collapse_monitors) from this step's last micro-batch and its DINO targets
@@ -539,8 +550,10 @@ for it in range(start_step, max_iters):
         rec = {"step": step, "loss": float(vals[:3].sum()), "dino_loss": float(vals[0]), "ibot_loss": float(vals[1]),
                "koleo_loss": float(vals[2]), "lr": lr_now, "wd": wd_now, "momentum": mom_now,
                "teacher_temp": temp_now, "last_layer_lr": last_lr_now,
-               **{f"grad_norm_{k}": v for k, v in grad_norms.items()},
+               **{f"grad_norm_{k}": float(v) for k, v in grad_norms.items()},
                "samples_per_s": samples_per_s, "data_wait_frac": data_wait / dt, **mon}
+        if profile:
+            rec["phase_ms"] = prof.read()
         collapse = metrics.collapse_state(rec, head_n_prototypes) if it >= collapse_check_from else None
         rec["collapse"] = collapse
         if device_type == "cuda":

@@ -312,6 +312,45 @@ def test_with_cp_gives_the_same_outputs_and_gradients():
         torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_with_cp_on_a_frozen_vit_gives_the_segmenter_the_same_gradients():
+    # finetune_seg.py's default: the ViT frozen (eval, no grads), the adapter and decoder trained. Checkpointing
+    # recomputes the frozen blocks, the interactions and the decoder stages in backward; the gradients that flow
+    # through the frozen blocks to the injectors must be those of the plain run, and it must save fewer bytes
+    import bench
+
+    nets = []
+    for cp in (False, True):
+        vit = tiny_vit(8).requires_grad_(False)
+        torch.manual_seed(2)
+        net = adapter.ViTAdapterUNETR(vit, 1, 3, feature_size=8, with_cp=cp).train()
+        net.vit.eval()
+        nets.append(net)
+    with torch.no_grad():  # the injectors' and extractors' scales start at 1e-6 / 0: open them, so the gradients
+        for n, q in nets[0].named_parameters():  # that reach the injectors through the frozen blocks are not ~0
+            if n.endswith("gamma"):
+                q.fill_(0.5)
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(1, 1, 32, 32, 32)
+    grads, saved = [], []
+    for net in nets:
+        torch.manual_seed(1)  # same drop-path masks in the extractors
+        by, loss = bench.saved_bytes_by_group(net, x, {net.adapter.spm: "spm"})
+        loss.backward()
+        saved.append(sum(by.values()))
+        grads.append({n: q.grad.clone() for n, q in net.named_parameters() if q.requires_grad})
+    g0, g1 = grads
+    assert all(q.grad is None for q in nets[1].vit.parameters())  # frozen: no ViT gradients in either run
+    assert any(k.startswith("adapter.interactions.0.injector") for k in g0) and "dec0.block.conv1.weight" in g0
+    assert g0.keys() == g1.keys()
+    # the first injector's gradients all come through the frozen block groups (its query_norm has none at init:
+    # the zero-initialised offset and weight projections make the output independent of the query)
+    for k in ("gamma", "attn.value_proj.weight", "attn.sampling_offsets.weight", "attn.output_proj.weight"):
+        assert g0[f"adapter.interactions.0.injector.{k}"].abs().sum() > 0, k
+    for k in g0:
+        torch.testing.assert_close(g0[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert saved[1] < 0.6 * saved[0]
+
+
 # ============ sliding-window inference ============
 
 

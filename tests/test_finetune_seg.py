@@ -201,3 +201,20 @@ def test_bf16_autocast_runs_on_cpu(tmp_path, linear_float32):
     assert len(f) == len(b) == 3
     assert all(np.isfinite(y) and abs(y - x) < 0.02 * abs(x) for x, y in zip(f, b)), (f, b)
     assert f != b, "bf16 gave float32's losses exactly: autocast did not run"
+
+
+@pytest.mark.slow
+def test_grad_checkpoint_sets_with_cp_and_keeps_the_losses(tmp_path):
+    """grad_checkpoint=True recomputes the adapter and decoder activations in backward (adapter.ViTAdapter with_cp):
+    the head is built with it, and the training losses are those of the plain run."""
+    losses = {}
+    for cp in (False, True):
+        out = tmp_path / f"cp{cp}"
+        _run("configs/seg_synthetic.py", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)",
+             "--max_iters=3", "--eval_interval=3", "--log_interval=1", "--save_predictions=False",
+             f"--grad_checkpoint={cp}", f"--out_dir={out}")
+        rows = [json.loads(line) for line in open(out / "log.jsonl")]
+        assert rows[0]["head_kwargs_used"].get("with_cp", False) is cp
+        losses[cp] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[True]) == 3
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
