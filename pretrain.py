@@ -488,7 +488,7 @@ if master_process:
     pbar = tqdm(total=max_iters, initial=start_step, dynamic_ncols=True, desc="pretrain")
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
-window.open()
+window.open()  # the first row's samples/s counts from here
 for it in range(start_step, max_iters):
     # every random draw of step `it` derives from (seed, rank, it): the data sample counters (StepSampler), the
     # augmentation generator below and the global RNG (drop path), re-seeded here; so a killed and resumed run
