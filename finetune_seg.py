@@ -144,7 +144,7 @@ blend = "constant"  # window blending: "constant" (reference) or "gaussian"
 sw_batch_size = 2  # windows per forward pass
 # system
 device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
-dtype = "auto"  # autocast dtype: "bfloat16", "float16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
+dtype = "auto"  # autocast dtype: "bfloat16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
 threads = 0  # torch CPU threads; 0 = torch's default (all cores). On a busy machine 1 can be several times faster
 # -----------------------------------------------------------------------------
 config = configure(globals(), sys.argv[1:])
@@ -154,8 +154,9 @@ if threads > 0:
 for key in ("max_iters", "eval_interval", "log_interval"):  # each an iteration count, used with %
     if not isinstance(config[key], int) or config[key] < 1:
         raise ConfigError(f"{key} must be a positive int, got {config[key]!r}")
-if dtype not in ("auto", "bfloat16", "float16", "float32"):
-    raise ConfigError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {dtype!r}")
+if dtype not in ("auto", "bfloat16", "float32"):
+    # float16 would need loss scaling (a GradScaler) for its narrow range; bfloat16 has float32's range and needs none
+    raise ConfigError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
 hold_out_dir(out_dir, int(os.environ.get("RANK", -1)))  # one writer per folder; torchrun ranks die with the launcher
@@ -177,27 +178,28 @@ if grad_checkpoint and head == "vit_adapter_unetr":
     head_kw["with_cp"] = True
 
 # -----------------------------------------------------------------------------
-# DDP and device (nanoGPT style; every rank trains on its own crops, validation cases are split over ranks)
+# DDP, device and dtype (every rank trains on its own crops, validation cases are split over ranks)
 ddp = int(os.environ.get("RANK", -1)) != -1
-if ddp:
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(hours=2))
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
-    if torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-else:
-    rank, local_rank, world_size = 0, 0, 1
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            timeout=timedelta(hours=2))  # a rank waits while the others validate
+else:
+    rank, local_rank, world_size = 0, 0, 1
 master_process = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32"
-ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
 if master_process and device_type == "cpu" and dtype != "float32":
     print(f"warning: dtype={dtype} on CPU: reduced-precision autocast has no fast kernels on most CPUs and runs "
-          "slower than --dtype=float32 (a small finetuning run: bfloat16 7x, float16 over 100x)")
+          "several times slower than --dtype=float32")
 torch.manual_seed(seed + rank)
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -422,7 +424,6 @@ if master_process:
 # optimizer and schedule
 optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=learning_rate,
                               betas=adamw_betas, weight_decay=weight_decay)
-scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")  # fp16 only
 
 
 def get_lr(it):
@@ -460,6 +461,7 @@ if resume:
     if master_process:
         print(f"resumed from {ckpt_path} at iteration {iter_num} (best validation Dice {best_val:.4f})")
 start_iter = iter_num
+validated_at = start_iter if start_iter > 0 else None  # a resumed run: the stopped run validated there (if due)
 
 
 def save_checkpoint():
@@ -537,6 +539,36 @@ def summary(rows, key):
         return np.nanmean(v, 0), np.nanmean(v, 1)
 
 
+def none_if_nan(v):
+    """JSON has no NaN: an undefined score (a class absent from both label and prediction) is written as null."""
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def json_floats(values):
+    return [none_if_nan(float(v)) for v in values]
+
+
+def test_scores(rows, key):
+    """results.json's test_<key>_mean and _ci (bootstrap over the cases' means), _per_class and _per_class_ci."""
+    per_class, per_case = summary(rows, key)
+    values = np.array([r[key] for r in rows if r[key] is not None], dtype=np.float64)  # (cases, classes)
+    mean, lo, hi = metrics.bootstrap_ci(per_case, n_boot=1000, seed=seed)
+    cis = [metrics.bootstrap_ci(values[:, c], n_boot=1000, seed=seed) for c in range(values.shape[1])]
+    return {f"test_{key}_mean": none_if_nan(mean), f"test_{key}_ci": json_floats([lo, hi]),
+            f"test_{key}_per_class": json_floats(per_class),
+            f"test_{key}_per_class_ci": [json_floats(ci[1:]) for ci in cis]}
+
+
+def case_scores(row):
+    """One test case for results.json: its Dice and HD95 per class (None for an unlabelled case)."""
+    return {"case": row["case"], "dice": row["dice"] and json_floats(row["dice"]),
+            "hd95": row["hd95"] and json_floats(row["hd95"]), "prediction": row["prediction"]}
+
+
+def f4(v):
+    return "n/a" if v is None else f"{v:.4f}"
+
+
 # -----------------------------------------------------------------------------
 # logging
 
@@ -555,6 +587,13 @@ if master_process and start_iter == 0:
 
 # -----------------------------------------------------------------------------
 # training loop: validate at 0, every eval_interval and at the end; then train one step
+
+
+def jitter(a, p, n, gen):
+    """n draws of U(-a, a), each kept with probability p (else 0): the intensity augmentations' amounts."""
+    return (torch.rand(n, generator=gen) * 2 - 1) * a * (torch.rand(n, generator=gen) < p)
+
+
 # sample counters k = iter_num·batch_size, ...: a resumed run reads the crops an uninterrupted one would have read
 loader = torch.utils.data.DataLoader(train_set, batch_size=batch_size, num_workers=num_workers,
                                      sampler=cache.StepSampler(iter_num * batch_size),
@@ -569,7 +608,7 @@ t_last, n_since = time.perf_counter(), 0
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
 while True:
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not (iter_num == start_iter > 0):
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != validated_at:
         t_eval = time.perf_counter()
         rows = evaluate(splits["validation"], val_overlap)
         per_class, per_case = summary(rows, "dice")
@@ -619,9 +658,8 @@ while True:
     plan = sum((augment.plan_flip(n, axis, flip_prob, gen) for axis in range(3)), [])
     xy = augment.run_plan(xy, plan + augment.plan_rot90(n, (0, 1), rot90_prob, gen))
     x, y = xy[:, :-1], xy[:, -1].round().long()
-    u = lambda a, p: (torch.rand(n, generator=gen) * 2 - 1) * a * (torch.rand(n, generator=gen) < p)  # noqa: E731
-    x = x * (1 + u(scale_intensity, scale_prob).to(device).view(-1, 1, 1, 1, 1))  # RandScaleIntensity
-    x = x + u(shift_intensity, shift_prob).to(device).view(-1, 1, 1, 1, 1)  # RandShiftIntensity
+    x = x * (1 + jitter(scale_intensity, scale_prob, n, gen).to(device).view(-1, 1, 1, 1, 1))  # RandScaleIntensity
+    x = x + jitter(shift_intensity, shift_prob, n, gen).to(device).view(-1, 1, 1, 1, 1)  # RandShiftIntensity
     with autocast:
         logits = net(x)
     loss_t = losses.seg_loss(logits, y, loss, regions)
@@ -629,12 +667,10 @@ while True:
         raise FloatingPointError(f"non-finite loss at iteration {iter_num}; the last checkpoint {ckpt_path} "
                                  "is intact (try a lower learning_rate)")
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss_t).backward()
+    loss_t.backward()
     if clip_grad > 0:
-        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_([p for p in raw_net.parameters() if p.requires_grad], clip_grad)
-    scaler.step(optimizer)
-    scaler.update()
+    optimizer.step()
     iter_num += 1
     loss_sum, n_loss, n_since = loss_sum + loss_t.item(), n_loss + 1, n_since + 1
 
@@ -665,8 +701,6 @@ if iter_num == max_iters:
         os.makedirs(pred_dir, exist_ok=True)
     rows = evaluate(splits["test"], test_overlap, with_hd95=True, pred_dir=pred_dir, desc="test")
     if master_process:
-        nan2none = lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else v  # noqa: E731
-        clean = lambda a: [nan2none(float(v)) for v in a]  # noqa: E731
         res = {"config": config, "git_sha": git_sha(), "backbone": backbone_desc, "best_iter": best_iter,
                "best_val_dice": best_val, "class_names": class_names, "n_train_cases": n_train,
                "hd95_note": "mm on the processed grid; a structure present in only one of prediction and "
@@ -674,22 +708,14 @@ if iter_num == max_iters:
                "train_cases": [data.case_name(c) for c in splits["training"]],
                "iters_list": history["iters"], "train_loss_list": history["train_loss"],
                "val_dice_list": history["val_dice"], "val_per_cls_dice_list": history["val_dice_per_class"]}
-        for key in ("dice", "hd95") if any(r["dice"] is not None for r in rows) else ():  # unlabelled: none
-            per_class, per_case = summary(rows, key)
-            values = np.array([r[key] for r in rows if r[key] is not None], dtype=np.float64)
-            mean, lo, hi = metrics.bootstrap_ci(per_case, n_boot=1000, seed=seed)
-            cis = [metrics.bootstrap_ci(values[:, c], n_boot=1000, seed=seed) for c in range(values.shape[1])]
-            res[f"test_{key}_mean"] = nan2none(mean)
-            res[f"test_{key}_ci"] = clean([lo, hi])
-            res[f"test_{key}_per_class"] = clean(per_class)
-            res[f"test_{key}_per_class_ci"] = [clean(ci[1:]) for ci in cis]
-        res["test_cases"] = [{"case": r["case"], "dice": r["dice"] and clean(r["dice"]),
-                              "hd95": r["hd95"] and clean(r["hd95"]), "prediction": r["prediction"]} for r in rows]
+        if any(r["dice"] is not None for r in rows):  # unlabelled test cases: no scores
+            res.update(test_scores(rows, "dice"))
+            res.update(test_scores(rows, "hd95"))
+        res["test_cases"] = [case_scores(r) for r in rows]
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(res, f, indent=1)
         log_line({"iter": iter_num, "test_dice_mean": res.get("test_dice_mean"),
                   "test_hd95_mean": res.get("test_hd95_mean")})
-        f4 = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
         if "test_dice_mean" in res:
             print(f"test ({len(rows)} cases, best iteration {best_iter}): Dice {f4(res['test_dice_mean'])} "
                   f"[{f4(res['test_dice_ci'][0])}, {f4(res['test_dice_ci'][1])}], per class "

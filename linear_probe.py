@@ -97,7 +97,7 @@ random_init = False  # with pretrained: build its architecture but keep random w
 arch = "vit_large"  # used when pretrained is None: vit_tiny / vit_small / vit_base / vit_large / vit_giant
 patch_size = 16
 feature_batch = 8  # volumes per backbone forward pass
-dtype = "auto"  # backbone autocast: "float16" (the reference), "bfloat16", "float32"; auto: fp16 on CUDA, fp32 on CPU
+dtype = "auto"  # backbone autocast: "bfloat16" or "float32"; "auto" = bfloat16 on CUDA, float32 on CPU
 # classifiers and optimisation
 lrs = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)  # each x batch_size / 256
 batch_size = 32
@@ -105,7 +105,7 @@ max_iters = 12_500
 eval_interval = 50
 select_metric = "accuracy"  # "accuracy" (reference: top-1 on validation) or "auc" (macro AUC on validation)
 # system
-device = "cuda" if torch.cuda.is_available() else "cpu"
+device = "auto"  # "auto" = cuda if available else cpu; or "cpu", "cuda", "cuda:1"
 threads = 0  # torch CPU threads for the feature pass; 0 = torch's default (the classifiers always use 1 on CPU)
 # -----------------------------------------------------------------------------
 from configurator import (ConfigError, check_out_dir, configure, git_sha, hold_out_dir, peak_rss_mb,  # noqa: E402
@@ -119,6 +119,10 @@ if threads > 0:
 for key in ("max_iters", "eval_interval", "n_runs", "batch_size"):
     if not isinstance(config[key], int) or config[key] < 1:
         raise ConfigError(f"{key} must be a positive int, got {config[key]!r}")
+if dtype not in ("auto", "bfloat16", "float32"):
+    # the scripts' one policy (float16 would need loss scaling where they train); the probe then reads its features
+    # in the precision pretraining computed them in
+    raise ConfigError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
 # derived values, visible after the overrides
@@ -138,16 +142,21 @@ os.makedirs(out_dir, exist_ok=True)
 t_start = time.time()
 
 # -----------------------------------------------------------------------------
-# device
-torch.manual_seed(seed)
+# DDP, device and dtype: one process (no DDP: the features are one pass over the cases, the classifiers tiny)
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if ddp:
+    raise ConfigError("linear_probe.py runs as one process: start it with python, not torchrun")
+device_type = "cuda" if device.startswith("cuda") else "cpu"
 if dtype == "auto":
-    dtype = "float16" if device.startswith("cuda") else "float32"
-if dtype not in ("float16", "bfloat16", "float32"):
-    raise ConfigError(f"dtype must be 'auto', 'float16', 'bfloat16' or 'float32', got {dtype!r}")
-autocast = torch.autocast(device.split(":")[0], dtype=getattr(torch, dtype)) if dtype != "float32" else nullcontext()
-if device == "cpu" and dtype != "float32":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else nullcontext()
+if device_type == "cpu" and dtype != "float32":
     print(f"warning: dtype={dtype} on CPU: reduced-precision autocast has no fast kernels on most CPUs and runs "
-          "slower than --dtype=float32 (a small finetuning run: bfloat16 7x, float16 over 100x)")
+          "several times slower than --dtype=float32")
+torch.manual_seed(seed)
 
 # -----------------------------------------------------------------------------
 # data: one list of cases with int labels, the splits of every run, all checked before any backbone work

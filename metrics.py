@@ -8,6 +8,7 @@ and the experiments that compare them.
 - pretraining health: `collapse_monitors` (torch tensors in, floats out) and `collapse_state`, which pretrain.py
   logs and warns with (README "Reading the collapse monitors")
 - step profiling: `PhaseTimer`, the per-phase step times of pretrain.py --profile=True (docs/performance.md)
+- pretraining log rows: `LogWindow`, the steps since pretrain.py's previous log row and the row that closes them
 
 Segmentation metrics skip class 0 (background) and return an array of length num_classes - 1 whose entry i is
 class i + 1. An undefined value is NaN, so `np.nanmean` over cases aggregates the defined ones; each function
@@ -20,7 +21,10 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from scipy import ndimage, stats
+
+import model
 
 
 # -----------------------------------------------------------------------------
@@ -405,3 +409,74 @@ class PhaseTimer:
             out[phase] = out.get(phase, 0.0) + t / (len(starts) - 1)
         out["step_ms"] = sum(ms) / (len(starts) - 1)
         return out
+
+
+# -----------------------------------------------------------------------------
+# pretraining log rows: one row of log.jsonl sums up the steps since the previous row
+
+PRETRAIN_MONITORS = ("dino_target_entropy", "dino_marginal_entropy", "ibot_target_entropy", "teacher_cls_std",
+                     "teacher_logit_spread", "cls_effective_rank", "dino_kl", "ibot_kl", "layerscale_gamma")
+
+
+def layerscale_gamma(backbone) -> torch.Tensor:
+    """Mean |gamma| of the LayerScales of every block (both per block, averaged): how much the blocks add to the
+    residual stream; it stays at layerscale_init when the blocks learn nothing."""
+    gammas = [(b.ls1.gamma.detach().abs().mean() + b.ls2.gamma.detach().abs().mean()) / 2 for b in backbone.blocks]
+    return torch.stack(gammas).mean()
+
+
+class LogWindow:
+    """The steps of pretrain.py since its previous log row: `add` one step's losses (summed on the device: no
+    host sync) and data-wait seconds; `row` builds the next log row from them and this step's numbers, and opens
+    the next window.
+
+    A row holds the step, the losses as means over the window (one step's DINO loss is noisy: +-0.05 ln K at the
+    demo's batch of 16), this step's schedules and pre-clip grad norms, samples/s and the share of the window's
+    wall time spent waiting for data, this step's collapse monitors (collapse_monitors, layerscale_gamma), the
+    per-phase ms (PhaseTimer, when enabled), the collapse state (collapse_state, once check_collapse), and on
+    CUDA the peak memory and the MFU. Under DDP the losses and monitors are averaged over the ranks."""
+
+    def __init__(self, device, batch_size: int, world_size: int, n_prototypes: int, flops_per_image: float,
+                 timer: PhaseTimer):
+        self.device, self.batch_size, self.world_size = device, batch_size, world_size
+        self.n_prototypes, self.flops_per_image, self.timer = n_prototypes, flops_per_image, timer
+        self.loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # dino, ibot, koleo
+        self.open()
+
+    def open(self) -> None:
+        self.loss_sum.zero_()
+        self.steps, self.data_wait, self.t_start = 0, 0.0, time.perf_counter()
+
+    def add(self, terms: dict, data_wait: float) -> None:
+        """terms: this step's {"dino_loss", "ibot_loss", "koleo_loss"} tensors (the weighted KoLeo term)."""
+        self.steps += 1
+        self.data_wait += data_wait
+        self.loss_sum += torch.stack([terms["dino_loss"], terms["ibot_loss"], terms["koleo_loss"]]).detach().double()
+
+    def row(self, step: int, schedules: dict, grad_norms: dict, monitor_in: dict, backbone,
+            check_collapse: bool) -> dict:
+        """schedules: this step's {"lr", "wd", "momentum", "teacher_temp", "last_layer_lr"}; grad_norms: the
+        pre-clip norm per sub-module; monitor_in: the keyword arguments of collapse_monitors."""
+        mon = collapse_monitors(**monitor_in)
+        mon["layerscale_gamma"] = float(layerscale_gamma(backbone))
+        mon = {k: mon.get(k, float("nan")) for k in PRETRAIN_MONITORS}  # the same keys on every rank
+        vals = torch.cat([self.loss_sum / self.steps,
+                          torch.tensor(list(mon.values()), dtype=torch.float64, device=self.device)])
+        if dist.is_initialized():
+            dist.all_reduce(vals, op=dist.ReduceOp.AVG)
+        mon = dict(zip(PRETRAIN_MONITORS, vals[3:].tolist()))
+        dt = time.perf_counter() - self.t_start
+        samples_per_s = self.steps * self.batch_size / dt
+        rec = {"step": step, "loss": float(vals[:3].sum()), "dino_loss": float(vals[0]), "ibot_loss": float(vals[1]),
+               "koleo_loss": float(vals[2]), **schedules, **{f"grad_norm_{k}": float(v) for k, v in grad_norms.items()},
+               "samples_per_s": samples_per_s, "data_wait_frac": self.data_wait / dt, **mon}
+        if self.timer.enabled:
+            rec["phase_ms"] = self.timer.read()
+        rec["collapse"] = collapse_state(rec, self.n_prototypes) if check_collapse else None
+        if str(self.device).startswith("cuda"):
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+            mfu = model.estimate_mfu(self.flops_per_image, samples_per_s / self.world_size, self.device)
+            if mfu is not None:
+                rec["mfu"] = mfu
+        self.open()
+        return rec

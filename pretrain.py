@@ -131,7 +131,7 @@ for key in ("max_iters", "log_interval", "ckpt_interval", "export_interval"):  #
     if not isinstance(config[key], int) or config[key] < 1:
         raise ConfigError(f"{key} must be a positive int, got {config[key]!r}")
 if dtype not in ("auto", "bfloat16", "float32"):
-    # fp16 would need loss scaling (the reference's GradScaler); bf16 has fp32's range and needs none
+    # float16 would need loss scaling (a GradScaler) for its narrow range; bfloat16 has float32's range and needs none
     raise ConfigError(f"dtype must be 'auto', 'bfloat16' or 'float32', got {dtype!r}")
 if device.startswith("cuda") and not torch.cuda.is_available():
     raise ConfigError(f"device={device!r} but torch sees no CUDA GPU (torch {torch.__version__}); use --device=cpu")
@@ -144,7 +144,7 @@ hold_out_dir(out_dir, int(os.environ.get("RANK", -1)))
 check_out_dir(out_dir, resume, overwrite, ("log.jsonl", "ckpt.pt", "teacher_backbone.pt"), "ckpt.pt")
 
 # -----------------------------------------------------------------------------
-# DDP and device
+# DDP, device and dtype
 ddp = int(os.environ.get("RANK", -1)) != -1
 if device == "auto":
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,13 +158,6 @@ else:
     rank, local_rank, world_size = 0, 0, 1
 master_process = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-if batch_size % (world_size * grad_accum_steps):
-    raise ConfigError(f"batch_size {batch_size} is not divisible by world_size {world_size} x grad_accum_steps "
-                      f"{grad_accum_steps}")
-micro_batch = batch_size // (world_size * grad_accum_steps)  # images per rank per micro-step
-augment.keep_freed_memory()  # glibc: reuse freed multi-MB blocks (no page faults per step; see augment.py)
-torch.backends.cuda.matmul.allow_tf32 = True
-torch.backends.cudnn.allow_tf32 = True
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" else "float32"
 ptdtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
@@ -172,6 +165,13 @@ autocast = torch.autocast(device_type, dtype=ptdtype) if dtype != "float32" else
 if master_process and device_type == "cpu" and dtype != "float32":
     print(f"warning: dtype={dtype} on CPU: reduced-precision autocast has no fast kernels on most CPUs and runs "
           "several times slower than --dtype=float32")
+if batch_size % (world_size * grad_accum_steps):
+    raise ConfigError(f"batch_size {batch_size} is not divisible by world_size {world_size} x grad_accum_steps "
+                      f"{grad_accum_steps}")
+micro_batch = batch_size // (world_size * grad_accum_steps)  # images per rank per micro-step
+augment.keep_freed_memory()  # glibc: reuse freed multi-MB blocks (no page faults per step; see augment.py)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     print(f"full config: the first line of {os.path.join(out_dir, 'log.jsonl')}")
@@ -197,6 +197,8 @@ teacher_temp_schedule = np.concatenate([np.linspace(warmup_teacher_temp, teacher
                                         np.full(max_iters - n_tt, teacher_temp)])
 last_layer_lr_schedule = lr_schedule.copy()
 last_layer_lr_schedule[:freeze_last_layer_iters] = 0  # the heads' last layer is frozen for the first "epoch"
+schedules = {"lr": lr_schedule, "wd": wd_schedule, "momentum": momentum_schedule,  # (the log rows' keys)
+             "teacher_temp": teacher_temp_schedule, "last_layer_lr": last_layer_lr_schedule}
 
 # -----------------------------------------------------------------------------
 # data: workers read crop regions only; resizing, augmentation and masks run batched on the device
@@ -366,6 +368,20 @@ def log_line(d):
         f.write(json.dumps(d) + "\n")
 
 
+def show_row(rec):
+    """A log row (metrics.LogWindow.row) to log.jsonl and the progress bar; the first collapse as a WARNING line."""
+    global warned
+    log_line(rec)
+    collapse = rec["collapse"]
+    pbar.set_postfix(dino=f"{rec['dino_loss']:.2f}/lnK {math.log(head_n_prototypes):.2f}",
+                     ibot=f"{rec['ibot_loss']:.2f}", H=f"{rec['dino_target_entropy']:.2f}",
+                     lr=f"{rec['lr']:.1e}", sps=f"{rec['samples_per_s']:.1f}",
+                     **({"COLLAPSE": collapse} if collapse else {}))
+    if collapse and not warned:
+        warned = True
+        pbar.write(f"WARNING step {rec['step']}: {collapse} collapse: {metrics.COLLAPSE_ADVICE[collapse]}")
+
+
 log_path = os.path.join(out_dir, "log.jsonl")
 if master_process and start_step == 0:
     open(log_path, "w").close()
@@ -375,10 +391,25 @@ elif master_process and os.path.exists(log_path):
     keep = [l for l in open(log_path) if json.loads(l).get("step", 0) <= start_step]
     with open(log_path, "w") as f:
         f.writelines(keep)
-img_flops = flops_per_image()
+# collapse warnings only once the lr has warmed up and the run has had a fifth of its steps to leave the start
+collapse_check_from, warned = max(warmup_iters, max_iters // 5), False
+prof = metrics.PhaseTimer(profile, device)  # phase marks below: one line each, no-ops unless profile=True
+window = metrics.LogWindow(device, batch_size, world_size, head_n_prototypes, flops_per_image(), prof)
 
 # -----------------------------------------------------------------------------
 # the training loop
+
+
+def next_views(it, micro, gen):
+    """The views of micro-step `micro` of step `it`: stored ones (batches_from), or the loader's next crop
+    regions resized, augmented and masked on the device (augment.make_views)."""
+    prof.mark("data", new_step=micro == 0)
+    if batches_from:
+        return stored_views[it * grad_accum_steps + micro]
+    raw = next(batches)
+    prof.mark("views")
+    return augment.make_views(raw, global_crops_size, local_crops_size, patch_size, gen, device, mask_ratio_min_max,
+                              mask_sample_probability)
 
 
 def teacher_targets(views_list, temp):
@@ -416,10 +447,19 @@ def ibot_targets(tokens, temp):
     return probs
 
 
-def stop_nonfinite(it, what):
-    """Stop before the optimizer step: the weights and the last checkpoint stay as they were."""
-    msg = (f"non-finite loss at step {it}: {what}. The last good checkpoint ({ckpt_path}) is intact; "
-           "try a lower lr or a higher teacher_temp.")
+def clip_checked(it, terms):
+    """Clip each student sub-module on its own (reference) and return the pre-clip grad norms (tensors). One host
+    sync checks the loss and those norms (a finite loss can still overflow in backward); a non-finite one, on any
+    rank, stops every rank before the optimizer step: the weights and the last checkpoint stay as they were."""
+    grad_norms = {k: torch.nn.utils.clip_grad_norm_(m.parameters(), clip_grad) for k, m in submodules.items()}
+    check = torch.stack([sum(terms.values()).detach(), *grad_norms.values()]).float()  # (4,): loss, 3 norms
+    if ddp:
+        dist.all_reduce(check)  # every rank stops together when any rank's loss is not finite
+    if bool(torch.isfinite(check).all()):
+        return grad_norms
+    what = terms if not math.isfinite(check[0]) else {f"grad_norm_{k}": v for k, v in grad_norms.items()}
+    msg = (f"non-finite loss at step {it}: {', '.join(f'{k}={float(v):.4g}' for k, v in what.items())}. The last "
+           f"good checkpoint ({ckpt_path}) is intact; try a lower lr or a higher teacher_temp.")
     if master_process:
         log_line({"step": it, "error": msg})
     raise FloatingPointError(msg)
@@ -446,56 +486,37 @@ if master_process:
     from tqdm import tqdm
 
     pbar = tqdm(total=max_iters, initial=start_step, dynamic_ncols=True, desc="pretrain")
-t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
-loss_sum = torch.zeros(3, dtype=torch.float64, device=device)  # dino, ibot, koleo summed since the last log row
 if device_type == "cuda":
     torch.cuda.reset_peak_memory_stats(device)
-MONITORS = ("dino_target_entropy", "dino_marginal_entropy", "ibot_target_entropy", "teacher_cls_std",
-            "teacher_logit_spread", "cls_effective_rank", "dino_kl", "ibot_kl",
-            "layerscale_gamma")
-# collapse warnings only once the lr has warmed up and the run has had a fifth of its steps to leave the start
-collapse_check_from, warned = max(warmup_iters, max_iters // 5), False
-prof = metrics.PhaseTimer(profile, device)  # phase marks below: one line each, no-ops unless profile=True
+window.open()  # the first row's samples/s counts from here
 for it in range(start_step, max_iters):
     # every random draw of step `it` derives from (seed, rank, it): the data sample counters (StepSampler), the
     # augmentation generator below and the global RNG (drop path), re-seeded here; so a killed and resumed run
     # replays exactly the same step, whatever happened to the RNGs before the kill
     torch.manual_seed(seed + 7919 * rank + 1_000_003 * it)
     gen = torch.Generator(device="cpu").manual_seed(seed + 104_729 * rank + 15_485_863 * it)
-    # schedules for this step
-    lr_now, wd_now = float(lr_schedule[it]), float(wd_schedule[it])
-    mom_now, temp_now = float(momentum_schedule[it]), float(teacher_temp_schedule[it])
-    last_lr_now = float(last_layer_lr_schedule[it])
+    sched = {k: float(s[it]) for k, s in schedules.items()}  # lr, wd, momentum, teacher_temp, last_layer_lr
     for g in optimizer.param_groups:
-        g["lr"] = (last_lr_now if g["is_last_layer"] else lr_now) * g["lr_mult"]
-        g["weight_decay"] = wd_now * g["wd_mult"]
+        g["lr"] = (sched["last_layer_lr"] if g["is_last_layer"] else sched["lr"]) * g["lr_mult"]
+        g["weight_decay"] = sched["wd"] * g["wd_mult"]
 
-    # data for every micro-step of this optimizer step
+    # views for every micro-step of this optimizer step
     t0 = time.perf_counter()
-    views_list = []
-    for micro in range(grad_accum_steps):
-        prof.mark("data", new_step=micro == 0)
-        if batches_from:
-            views_list.append(stored_views[it * grad_accum_steps + micro])
-            continue
-        raw = next(batches)
-        prof.mark("views")
-        views_list.append(augment.make_views(raw, global_crops_size, local_crops_size, patch_size, gen, device,
-                                             mask_ratio_min_max, mask_sample_probability))
-    data_wait += time.perf_counter() - t0
+    views_list = [next_views(it, micro, gen) for micro in range(grad_accum_steps)]
+    data_wait = time.perf_counter() - t0
 
     # teacher targets (no grad) for the whole step
     prof.mark("teacher")
-    dino_targets, teacher_masked, monitor_in = teacher_targets(views_list, temp_now)
+    dino_targets, teacher_masked, monitor_in = teacher_targets(views_list, sched["teacher_temp"])
 
-    # student forward/backward, micro-step by micro-step
+    # student losses, forward and backward micro-step by micro-step
     optimizer.zero_grad(set_to_none=True)
     terms = {"dino_loss": 0.0, "ibot_loss": 0.0, "koleo_loss": 0.0}
     for micro, v in enumerate(views_list):
         sync = nullcontext() if (not ddp or micro == grad_accum_steps - 1) else student.no_sync()
         with sync:
             prof.mark("targets")
-            ibot_t = ibot_targets(teacher_masked[micro], temp_now)
+            ibot_t = ibot_targets(teacher_masked[micro], sched["teacher_temp"])
             prof.mark("student")
             with autocast:
                 s_glob, s_loc, s_ibot, cls_g = student(v["global_crops"], v["local_crops"], v["masks"],
@@ -509,69 +530,27 @@ for it in range(start_step, max_iters):
             (loss / grad_accum_steps).backward()
         for k, val in (("dino_loss", dino), ("ibot_loss", ibot), ("koleo_loss", koleo_loss_weight * koleo)):
             terms[k] += val.detach() / grad_accum_steps
+
+    # finite check and clip, optimizer step, then teacher <- m teacher + (1 - m) student
     prof.mark("clip_optim")
-    # clip each student sub-module on its own (reference), step, EMA. One host sync checks the loss and the
-    # pre-clip grad norms (a finite loss can still overflow in backward) before the step; the norms stay tensors
-    grad_norms = {k: torch.nn.utils.clip_grad_norm_(m.parameters(), clip_grad) for k, m in submodules.items()}
-    check = torch.stack([sum(terms.values()).detach(), *grad_norms.values()]).float()  # (4,): loss, 3 norms
-    if ddp:
-        dist.all_reduce(check)  # every rank stops together when any rank's loss is not finite
-    if not bool(torch.isfinite(check).all()):
-        what = terms if not math.isfinite(check[0]) else {f"grad_norm_{k}": v for k, v in grad_norms.items()}
-        stop_nonfinite(it, ", ".join(f"{k}={float(v):.4g}" for k, v in what.items()))
+    grad_norms = clip_checked(it, terms)
     optimizer.step()
     prof.mark("ema")
-    with torch.no_grad():  # teacher <- m teacher + (1 - m) student
-        torch._foreach_mul_(teacher_params, mom_now)
-        torch._foreach_add_(teacher_params, student_params, alpha=1 - mom_now)
-    n_since += 1
-    loss_sum += torch.stack([terms["dino_loss"], terms["ibot_loss"], terms["koleo_loss"]]).detach().double()
+    with torch.no_grad():
+        torch._foreach_mul_(teacher_params, sched["momentum"])
+        torch._foreach_add_(teacher_params, student_params, alpha=1 - sched["momentum"])
+    window.add(terms, data_wait)
 
-    # logging, checkpoints, exports
+    # log row (the collapse monitors read this step's last micro-batch and its DINO targets), checkpoints, exports
     prof.mark("log")
     step = it + 1
     if step % log_interval == 0 or step == max_iters:
-        # collapse monitors (metrics.collapse_monitors) from this step's last micro-batch and its DINO targets
-        mon = metrics.collapse_monitors(
-            monitor_in["teacher_cls"], monitor_in["teacher_logits"], monitor_in["dino_targets"], cls_g.detach(),
-            ibot_t, v["masks_weight"], temp_now, dino_loss=terms["dino_loss"], ibot_loss=ibot, n_crops=len(cls_g))
-        gammas = [(b.ls1.gamma.detach().abs().mean() + b.ls2.gamma.detach().abs().mean()) / 2
-                  for b in raw_student.backbone.blocks]
-        mon["layerscale_gamma"] = float(torch.stack(gammas).mean())
-        mon = {k: mon.get(k, float("nan")) for k in MONITORS}  # the same keys on every rank
-        # the losses of a row are means over the steps since the previous row (one step's DINO loss is noisy:
-        # +-0.05 ln K at the demo's batch of 16); the monitors are this step's
-        vals = torch.cat([loss_sum / n_since, torch.tensor(list(mon.values()), dtype=torch.float64, device=device)])
-        if ddp:
-            dist.all_reduce(vals, op=dist.ReduceOp.AVG)
-        mon = dict(zip(MONITORS, vals[3:].tolist()))
-        dt = time.perf_counter() - t_last
-        samples_per_s = n_since * batch_size / dt
-        rec = {"step": step, "loss": float(vals[:3].sum()), "dino_loss": float(vals[0]), "ibot_loss": float(vals[1]),
-               "koleo_loss": float(vals[2]), "lr": lr_now, "wd": wd_now, "momentum": mom_now,
-               "teacher_temp": temp_now, "last_layer_lr": last_lr_now,
-               **{f"grad_norm_{k}": float(v) for k, v in grad_norms.items()},
-               "samples_per_s": samples_per_s, "data_wait_frac": data_wait / dt, **mon}
-        if profile:
-            rec["phase_ms"] = prof.read()
-        collapse = metrics.collapse_state(rec, head_n_prototypes) if it >= collapse_check_from else None
-        rec["collapse"] = collapse
-        if device_type == "cuda":
-            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            mfu = model.estimate_mfu(img_flops, samples_per_s / world_size, device)
-            if mfu is not None:
-                rec["mfu"] = mfu
+        monitor_in.update(student_cls=cls_g.detach(), ibot_targets=ibot_t, ibot_weights=v["masks_weight"],
+                          teacher_temp=sched["teacher_temp"], dino_loss=terms["dino_loss"], ibot_loss=ibot,
+                          n_crops=len(cls_g))
+        rec = window.row(step, sched, grad_norms, monitor_in, raw_student.backbone, it >= collapse_check_from)
         if master_process:
-            log_line(rec)
-            pbar.set_postfix(dino=f"{rec['dino_loss']:.2f}/lnK {math.log(head_n_prototypes):.2f}",
-                             ibot=f"{rec['ibot_loss']:.2f}", H=f"{mon['dino_target_entropy']:.2f}",
-                             lr=f"{lr_now:.1e}", sps=f"{samples_per_s:.1f}",
-                             **({"COLLAPSE": collapse} if collapse else {}))
-            if collapse and not warned:
-                warned = True
-                pbar.write(f"WARNING step {step}: {collapse} collapse: {metrics.COLLAPSE_ADVICE[collapse]}")
-        t_last, data_wait, n_since = time.perf_counter(), 0.0, 0
-        loss_sum.zero_()
+            show_row(rec)
     if master_process:
         pbar.update(1)
         if step % ckpt_interval == 0 or step == max_iters:

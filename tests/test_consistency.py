@@ -98,15 +98,22 @@ def test_pretrain_names_a_missing_data_folder(tmp_path):
 
 
 @pytest.mark.parametrize("what, args", [
-    ("finetune_seg.py", ["--dtype=float16"]),
-    ("linear_probe.py", ["--dtype=float16"]),
+    ("finetune_seg.py", ["--dtype=bfloat16"]),
+    ("linear_probe.py", ["--dtype=bfloat16"]),
 ])
 def test_reduced_precision_on_cpu_warns(tmp_path, what, args):
     """The warning comes with the device set-up, before the data: a missing datalist then stops the run."""
     p = script(ROOT / what, *args, "--device=cpu", "--threads=1", f"--datalist={tmp_path / 'none.json'}",
                f"--out_dir={tmp_path / 'run'}")
     assert p.returncode == 1, p.stderr[-2000:]
-    assert "warning: dtype=float16 on CPU" in p.stdout and "slower than --dtype=float32" in p.stdout, p.stdout
+    assert "warning: dtype=bfloat16 on CPU" in p.stdout and "slower than --dtype=float32" in p.stdout, p.stdout
+
+
+@pytest.mark.parametrize("what", ["pretrain.py", "finetune_seg.py", "linear_probe.py"])
+def test_float16_is_refused_alike(tmp_path, what):
+    """One dtype policy in the three scripts: bfloat16 or float32 (float16 would need loss scaling), one message."""
+    p = script(ROOT / what, "--dtype=float16", "--device=cpu", "--threads=1", f"--out_dir={tmp_path / 'run'}")
+    assert_input_error(p, "dtype must be 'auto', 'bfloat16' or 'float32', got 'float16'")
 
 
 @pytest.mark.slow
