@@ -420,10 +420,12 @@ def read_datalist(path, root=None) -> dict:
     image_dir/x with label_dir/x), a folder (its dataset.json, else images/ + labels/ pairs, else all volumes),
     or a pretraining JSON list (unlabeled training items). Relative paths are relative to `root` (the dataset's
     folder, e.g. a downloaded MSD Task04_Hippocampus), by default to the JSON's folder: a split file that lists
-    "imagesTr/x.nii.gz" then serves any copy of the dataset. Every item gets a "label" key (None when unlabeled);
-    other keys (e.g. "age") are kept.
+    "imagesTr/x.nii.gz" then serves any copy of the dataset; a folder is its own root (`root` is ignored). Every
+    item gets a "label" key (None when unlabeled); other keys (e.g. "age") are kept.
     """
     path = Path(path)
+    if path.is_dir():  # a dataset folder is its own root: a config's data_root for its split file does not apply
+        root = None
     if root is not None and not Path(root).is_dir():
         raise VolumeError(f"{root}: data_root not found (the dataset folder that {path}'s relative paths "
                           "are under; docs/datasets.md says where to download each dataset)")

@@ -327,9 +327,14 @@ def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(tmp_p
 
 @pytest.mark.slow
 def test_a_pretraining_that_failed_at_the_start_can_be_rerun_in_its_folder(tmp_path):
+    # a cache whose one volume file is damaged: the run starts (log.jsonl holds its config row), then fails
+    # reading its first batch, before step 1
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4)),
+             tmp_path / "v.nii.gz")
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "a.npy").write_text("not an array")
+    cache.prepare([str(tmp_path / "v.nii.gz")], bad, min_axis_size=8, workers=1, progress=False)
+    for f in bad.glob("*.npy"):
+        f.write_bytes(b"not an array")
     out = tmp_path / "run"
     p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=1", f"--data_path={bad}", f"--out_dir={out}",
                "--threads=1")
