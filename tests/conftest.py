@@ -33,3 +33,60 @@ requires_shared = pytest.mark.skipif(
 # busy 2-core machine can be 10-20x slower than 1)
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def run_here(*args, cwd=ROOT):
+    """`python SCRIPT ARGS...` run inside the test process (runpy) instead of a new interpreter, which spends
+    ~2.5 s of CPU importing torch before the script reads its first argument. For tests of what a script does
+    with its input; one real subprocess per script (tests/test_user_errors.py) checks the interpreter's side.
+    The run ends as the interpreter would end it: an uncaught exception goes through the sys.excepthook the script
+    left (configurator's prints an input error as `error: ...` alone) with exit code 1, SystemExit gives its code,
+    and the functions it registered with atexit run. Returns a subprocess.CompletedProcess. What a script sets for
+    the whole process (argv, cwd, excepthook, torch threads, the global RNGs, logging handlers) is put back."""
+    import atexit
+    import contextlib
+    import io
+    import logging
+    import random
+    import runpy
+    import subprocess
+
+    import numpy as np
+
+    argv = [str(a) for a in args]
+    path = os.path.join(str(cwd), argv[0])  # as `python argv[0]` started in cwd finds it
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    saved = (list(sys.argv), os.getcwd(), sys.excepthook, torch.get_num_threads(), torch.get_rng_state(),
+             np.random.get_state(), random.getstate(), atexit.register, [(lg, list(lg.handlers)) for lg in loggers])
+    exits = []
+    atexit.register = lambda f, *a, **k: exits.append((f, a, k)) or f
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        os.chdir(cwd)
+        sys.argv = argv
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(path, run_name="__main__")
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:  # sys.exit("message"): printed to stderr, exit code 1
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception as e:
+                sys.excepthook(type(e), e, e.__traceback__)
+                code = 1
+            finally:
+                for f, a, k in reversed(exits):
+                    f(*a, **k)
+    finally:
+        os.chdir(saved[1])
+        sys.argv, sys.excepthook, atexit.register = saved[0], saved[2], saved[7]
+        torch.set_num_threads(saved[3])
+        torch.set_rng_state(saved[4])
+        np.random.set_state(saved[5])
+        random.setstate(saved[6])
+        for lg, handlers in saved[8]:
+            lg.handlers[:] = handlers
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

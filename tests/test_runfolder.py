@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import cache
-from conftest import ROOT
+from conftest import ROOT, run_here
 from configurator import ConfigError, DiskFullError, hold_out_dir, save_atomic
 
 
@@ -90,8 +90,7 @@ def test_a_script_started_on_a_folder_in_use_is_refused(tmp_path, argv):
     out = tmp_path / "run"
     p = holder(out)
     try:
-        r = subprocess.run([sys.executable, *argv, f"--out_dir={out}", "--threads=1"], cwd=ROOT, text=True,
-                           capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        r = run_here(*argv, f"--out_dir={out}", "--threads=1")  # in this process: the holder is another one
     finally:
         p.kill()
         p.wait()

@@ -1,7 +1,9 @@
 """What a first-time user hits: no silent data loss, and every input error clear, early and without a traceback.
 
 Each test runs the real script or CLI the way a user would and reads what it prints. Input errors
-must name the file or key, exit with code 1, and print no Python traceback."""
+must name the file or key, exit with code 1, and print no Python traceback. One run per script (pretrain.py,
+finetune_seg.py, cache.py, linear_probe.py) starts a new interpreter (`script`); the others run the script inside
+the test process (conftest.run_here), which ends it the way the interpreter would."""
 import json
 import os
 import subprocess
@@ -16,7 +18,7 @@ import augment
 import cache
 import data
 import model
-from conftest import ROOT, requires_shared
+from conftest import ROOT, requires_shared, run_here
 
 TINY_PRETRAIN = ["--embed_dim=32", "--depth=4", "--num_heads=2", "--patch_size=8", "--global_crops_size=16",
                  "--local_crops_size=8", "--n_local_crops=2", "--head_n_prototypes=64", "--head_hidden_dim=32",
@@ -59,10 +61,10 @@ def test_a_second_run_into_a_used_out_dir_is_refused(tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
-    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--out_dir={tmp_path / 'none'}", "--resume=True")
+    p = run_here(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--out_dir={tmp_path / 'none'}", "--resume=True")
     assert_input_error(p, "resume=True but there is no checkpoint", str(tmp_path / "none" / "ckpt.pt"))
-    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--out_dir={tmp_path / 'none'}",
-               "--resume=True")
+    p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--out_dir={tmp_path / 'none'}",
+                 "--resume=True")
     assert_input_error(p, "resume=True but there is no checkpoint")
 
 
@@ -86,12 +88,12 @@ def test_datalist_paths_are_read_relative_to_the_json_then_prepare_fails_when_no
     work = tmp_path / "work"
     (work / "sub").mkdir(parents=True)
     (work / "sub" / "list.json").write_text(json.dumps([{"image": f"../../vols/v{i}.nii.gz"} for i in range(2)]))
-    p = script(ROOT / "cache.py", "prepare", "--datalist", "sub/list.json", "--out", "cache", "--min_axis_size=8",
-               cwd=work)
+    p = run_here(ROOT / "cache.py", "prepare", "--datalist", "sub/list.json", "--out", "cache", "--min_axis_size=8",
+                 cwd=work)
     assert p.returncode == 0, p.stderr
     assert len(cache.load_index(work / "cache")["entries"]) == 2
     (work / "bad.json").write_text(json.dumps([{"image": "missing.nii.gz"}]))
-    p = script(ROOT / "cache.py", "prepare", "--datalist", "bad.json", "--out", "cache2", cwd=work)
+    p = run_here(ROOT / "cache.py", "prepare", "--datalist", "bad.json", "--out", "cache2", cwd=work)
     assert p.returncode == 1 and "holds no usable volume" in p.stderr
 
 
@@ -128,8 +130,8 @@ def test_constant_and_all_nan_cases_are_reported(tmp_path):
     (tmp_path / "cut.nii.gz").write_bytes((tmp_path / "ok.nii.gz").read_bytes()[:100])
     items = [{"image": f"{n}.nii.gz", "label": "lab.nii.gz"} for n in ("ok", "const", "nan", "cut")]
     (tmp_path / "dl.json").write_text(json.dumps({"training": items[:2], "validation": items[2:3], "test": items[3:]}))
-    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--datalist={tmp_path / 'dl.json'}",
-               f"--out_dir={tmp_path / 'run'}")
+    p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--datalist={tmp_path / 'dl.json'}",
+                 f"--out_dir={tmp_path / 'run'}")
     assert_input_error(p, "2 bad case(s)", "case nan:", "without a single finite voxel", "case cut:", "unreadable")
     assert "warning: case const:" in p.stdout and "is constant" in p.stdout
     assert "case ok" not in p.stderr
@@ -156,10 +158,11 @@ def test_finetune_input_errors_print_the_message_alone(tmp_path):
                f"--out_dir={tmp_path / 'a'}")
     assert_input_error(p, "no training cases")
     for bad in ("--max_iters=0", "--max_iters=-5", "--max_iters=None"):
-        p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", bad, f"--out_dir={tmp_path / 'b'}")
+        p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", bad, f"--out_dir={tmp_path / 'b'}")
         assert_input_error(p, "max_iters must be a positive int")
     if not torch.cuda.is_available():
-        p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", "--device=cuda", f"--out_dir={tmp_path / 'c'}")
+        p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", "--device=cuda",
+                     f"--out_dir={tmp_path / 'c'}")
         assert_input_error(p, "torch sees no CUDA GPU")
 
 
@@ -170,7 +173,7 @@ def test_pretrain_input_errors_print_the_message_alone(tmp_path):
     assert_input_error(p, str(tmp_path / "list.json"), "not a prepared cache", "python cache.py prepare")
     p = script(ROOT / "cache.py", "prepare", "--datalist", tmp_path / "list.json", "--out", tmp_path / "c")
     assert_input_error(p, str(tmp_path / "list.json"), "not a readable JSON datalist")
-    p = script(ROOT / "pretrain.py", "--max_iter=3", f"--out_dir={tmp_path / 'b'}")
+    p = run_here(ROOT / "pretrain.py", "--max_iter=3", f"--out_dir={tmp_path / 'b'}")
     assert_input_error(p, "unknown config key 'max_iter'", "did you mean 'max_iters'")
 
 
@@ -184,14 +187,14 @@ def test_checkpoint_errors_say_what_the_file_is(tmp_path):
     torch.save({"model": {"vit.pos_embed": torch.zeros(1), "decoder.w": torch.zeros(1)}, "iter": 3}, seg)
     with pytest.raises(model.CheckpointError, match="no ViT backbone in it"):
         model.vit_from_checkpoint(seg)
-    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={junk}",
-               f"--out_dir={tmp_path / 'a'}", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)")
+    p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={junk}",
+                 f"--out_dir={tmp_path / 'a'}", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)")
     assert_input_error(p, "junk.pt: not a checkpoint")
 
 
 def test_help_lists_the_keys_with_their_comments():
     for name in ("pretrain.py", "finetune_seg.py", "linear_probe.py"):
-        p = script(ROOT / name, "--help")
+        p = run_here(ROOT / name, "--help")
         assert p.returncode == 0, p.stderr[-2000:]
         assert "config keys" in p.stdout and "out_dir = " in p.stdout and "threads = 0  # torch CPU threads" in p.stdout
 
@@ -217,7 +220,7 @@ def test_data_show_names_the_files_own_orientation_and_fails_on_bad_files(tmp_pa
     nib.save(nib.Nifti1Image(np.random.rand(10, 10, 10).astype(np.float32), np.diag([-1.0, 1, 1, 1])), las)
     nan = tmp_path / "nan.nii.gz"
     nib.save(nib.Nifti1Image(np.full((10, 10, 10), np.nan, np.float32), np.eye(4)), nan)
-    p = script(ROOT / "data.py", "show", good, las, nan)
+    p = run_here(ROOT / "data.py", "show", good, las, nan)
     assert "file orientation LAS" in p.stdout and "after reorienting to RAS" in p.stdout
     assert f"{nan}: " in p.stdout and "no finite voxel" in p.stdout  # the listing goes on past it
     assert p.returncode == 1
@@ -265,8 +268,8 @@ def test_hippocampus_folder_pretrains_on_its_200_images_only(tmp_path):
     hip = DATA / "msd_hippocampus"
     sources = [s["image"] for s in data.pretrain_sources(hip)]
     assert len(sources) == 200 and all("/images/" in s for s in sources)  # not the 200 label maps
-    p = script(ROOT / "cache.py", "prepare", "--datalist", hip, "--out", tmp_path / "cache", "--workers=1",
-               "--min_axis_size=8")
+    p = run_here(ROOT / "cache.py", "prepare", "--datalist", hip, "--out", tmp_path / "cache", "--workers=1",
+                 "--min_axis_size=8")
     assert p.returncode == 0, p.stderr[-2000:]
     assert "skipped 200 label maps" in p.stderr and "under labels/" in p.stderr
     entries = cache.load_index(tmp_path / "cache")["entries"]
@@ -286,7 +289,7 @@ def test_hippocampus_folder_pretrains_on_its_200_images_only(tmp_path):
 ])
 def test_zero_intervals_and_counts_are_input_errors(tmp_path, argv, key):
     """Each used to crash after the set-up (ZeroDivisionError; the probe's n_runs=0: 'need at least one array')."""
-    p = script(ROOT / argv[0], *argv[1:], "--max_iters=2", f"--{key}=0", f"--out_dir={tmp_path / 'run'}")
+    p = run_here(ROOT / argv[0], *argv[1:], "--max_iters=2", f"--{key}=0", f"--out_dir={tmp_path / 'run'}")
     assert_input_error(p, f"{key} must be a positive int, got 0")
     assert not (tmp_path / "run").exists()  # refused before any work: nothing written
 
@@ -294,7 +297,7 @@ def test_zero_intervals_and_counts_are_input_errors(tmp_path, argv, key):
 @pytest.mark.parametrize("argv", [["pretrain.py", *TINY_PRETRAIN], ["finetune_seg.py", "configs/seg_synthetic.py"],
                                   ["linear_probe.py", "configs/probe_synthetic.py"]])
 def test_an_empty_out_dir_is_an_input_error(argv):
-    p = script(ROOT / argv[0], *argv[1:], "--out_dir=")  # used to end in FileNotFoundError: ''
+    p = run_here(ROOT / argv[0], *argv[1:], "--out_dir=")  # used to end in FileNotFoundError: ''
     assert_input_error(p, "out_dir is empty")
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_here
 
 import model
 
@@ -246,10 +246,8 @@ def test_a_damaged_file_stops_the_script_with_its_name(tmp_path):
     del sd["backbone.blocks.1.3.mlp.fc2.weight"]
     path = tmp_path / "3dino_vit_weights.pth"
     torch.save({"teacher": sd}, path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={path}",
-                        f"--out_dir={tmp_path / 'seg'}", "--synthetic_cases=(2, 1, 1)",
-                        "--synthetic_shape=(32, 32, 32)", "--threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run_here("finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={path}", f"--out_dir={tmp_path / 'seg'}",
+                 "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)", "--threads=1")
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"error: {path} (backbone): checkpoint does not fit the model — missing keys ['blocks.3.mlp.fc2.weight']" \
         in p.stderr
