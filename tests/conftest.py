@@ -42,7 +42,8 @@ def run_here(*args, cwd=ROOT):
     The run ends as the interpreter would end it: an uncaught exception goes through the sys.excepthook the script
     left (configurator's prints an input error as `error: ...` alone) with exit code 1, SystemExit gives its code,
     and the functions it registered with atexit run. Returns a subprocess.CompletedProcess. What a script sets for
-    the whole process (argv, cwd, excepthook, torch threads, the global RNGs, logging handlers) is put back."""
+    the whole process (argv, cwd, excepthook, torch threads, TF32 flags and global RNGs, logging handlers) is put
+    back."""
     import atexit
     import contextlib
     import io
@@ -55,10 +56,13 @@ def run_here(*args, cwd=ROOT):
 
     argv = [str(a) for a in args]
     path = os.path.join(str(cwd), argv[0])  # as `python argv[0]` started in cwd finds it
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
-    saved = (list(sys.argv), os.getcwd(), sys.excepthook, torch.get_num_threads(), torch.get_rng_state(),
-             np.random.get_state(), random.getstate(), atexit.register, [(lg, list(lg.handlers)) for lg in loggers])
+    old_argv, old_cwd, old_hook, old_register = list(sys.argv), os.getcwd(), sys.excepthook, atexit.register
+    threads, precision, cudnn_tf32 = torch.get_num_threads(), torch.get_float32_matmul_precision(), \
+        torch.backends.cudnn.allow_tf32
+    rngs = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    handlers = [(lg, list(lg.handlers)) for lg in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                if isinstance(lg, logging.Logger)]  # data.py run as a script adds its handler again
     exits = []
     atexit.register = lambda f, *a, **k: exits.append((f, a, k)) or f
     out, err, code = io.StringIO(), io.StringIO(), 0
@@ -81,12 +85,16 @@ def run_here(*args, cwd=ROOT):
                 for f, a, k in reversed(exits):
                     f(*a, **k)
     finally:
-        os.chdir(saved[1])
-        sys.argv, sys.excepthook, atexit.register = saved[0], saved[2], saved[7]
-        torch.set_num_threads(saved[3])
-        torch.set_rng_state(saved[4])
-        np.random.set_state(saved[5])
-        random.setstate(saved[6])
-        for lg, handlers in saved[8]:
-            lg.handlers[:] = handlers
+        os.chdir(old_cwd)
+        sys.argv, sys.excepthook, atexit.register = old_argv, old_hook, old_register
+        torch.set_num_threads(threads)
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_rng_state(rngs[0])
+        np.random.set_state(rngs[1])
+        random.setstate(rngs[2])
+        if rngs[3] is not None:
+            torch.cuda.set_rng_state_all(rngs[3])
+        for lg, hs in handlers:
+            lg.handlers[:] = hs
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
