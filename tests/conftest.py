@@ -29,6 +29,12 @@ requires_shared = pytest.mark.skipif(
     reason=f"needs the real volumes / golden files in {SHARED} (absent in a user's clone; CI always has it)",
 )
 
+# pretrain.py's smallest model and crops: a step takes a fraction of a second
+TINY_PRETRAIN = ["--embed_dim=32", "--depth=4", "--num_heads=2", "--patch_size=8", "--global_crops_size=16",
+                 "--local_crops_size=8", "--n_local_crops=2", "--head_n_prototypes=64", "--head_hidden_dim=32",
+                 "--head_bottleneck_dim=16", "--batch_size=4", "--num_workers=0", "--min_axis_size=8",
+                 "--warmup_iters=1", "--warmup_teacher_temp_iters=1", "--freeze_last_layer_iters=0"]
+
 # 2 threads on CI's 2 cores; OMP_NUM_THREADS=1 when something else runs beside the tests (2 OpenMP threads on a
 # busy 2-core machine can be 10-20x slower than 1)
 if "OMP_NUM_THREADS" not in os.environ:
@@ -38,7 +44,7 @@ if "OMP_NUM_THREADS" not in os.environ:
 def run_here(*args, cwd=ROOT):
     """`python SCRIPT ARGS...` run inside the test process (runpy) instead of a new interpreter, which spends
     ~2.5 s of CPU importing torch before the script reads its first argument. For tests of what a script does
-    with its input; one real subprocess per script (tests/test_user_errors.py) checks the interpreter's side.
+    with its input; one run per script in a new interpreter (`script`) checks the interpreter's side.
     The run ends as the interpreter would end it: an uncaught exception goes through the sys.excepthook the script
     left (configurator's prints an input error as `error: ...` alone) with exit code 1, SystemExit gives its code,
     and the functions it registered with atexit run. Returns a subprocess.CompletedProcess. What a script sets for
@@ -98,3 +104,20 @@ def run_here(*args, cwd=ROOT):
         for lg, hs in handlers:
             lg.handlers[:] = hs
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def script(*args, cwd=ROOT):
+    """`python SCRIPT ARGS...` in a new interpreter, as a user runs it."""
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def assert_input_error(p, *needles):
+    """Exit code 1, the message (each needle) on stderr, and no traceback."""
+    assert p.returncode == 1, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    for n in needles:
+        assert n in p.stderr, (n, p.stderr[-2000:])
