@@ -269,8 +269,8 @@ def test_torch_compile_on_cpu_matches_eager_without_per_step_recompiles(tmp_path
 def test_resume_with_a_changed_architecture_names_the_keys(tmp_path):
     out = tmp_path / "run"
     assert script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}").returncode == 0
-    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=4", f"--out_dir={out}", "--resume=True",
-               "--depth=6", "--head_n_prototypes=128")
+    p = run_here(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=4", f"--out_dir={out}", "--resume=True",
+                 "--depth=6", "--head_n_prototypes=128")
     assert_input_error(p, "another architecture", "depth: checkpoint 4, now 6", "head_n_prototypes: checkpoint 64")
     assert "size mismatch" not in p.stderr
 

@@ -210,7 +210,7 @@ def test_a_second_run_into_a_used_out_dir_is_refused(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     log = (out / "log.jsonl").read_text()
     ckpt_bytes = (out / "ckpt.pt").read_bytes()
-    again = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}")
+    again = run_here(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}")
     assert_input_error(again, str(out), "already holds a run", "--resume=True", "--overwrite=True")
     assert (out / "log.jsonl").read_text() == log and (out / "ckpt.pt").read_bytes() == ckpt_bytes  # untouched
     # every log row carries the elapsed time and peak memory
