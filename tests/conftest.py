@@ -1,4 +1,5 @@
-"""Shared test helpers: where ../shared lives, and a skip marker for tests that need it."""
+"""Shared test helpers: where ../shared lives, a skip marker for tests that need it, and the two ways to run a
+script: `script` (a new interpreter, as a user runs it) and `run_here` (inside the test process)."""
 import os
 import sys
 from pathlib import Path
