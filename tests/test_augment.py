@@ -473,3 +473,15 @@ def test_keep_freed_memory_is_applied_on_glibc_only():
 
     ok = augment.keep_freed_memory()
     assert ok is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+def test_augment_plans_take_the_one_of_choice():
+    """linear_probe.py's augment_train=True passes OneOf's choice to each intensity transform (`apply=`): the old
+    wrappers had lost that argument and the probe configs that set augment_train crashed with a TypeError."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 8, 8, 8) * 2 - 1
+    apply = torch.tensor([True, False, True, False])
+    for plan_fn in (augment.plan_gamma, augment.plan_sharpen, augment.plan_smooth, augment.plan_noise):
+        y = augment.run_plan(x.clone(), plan_fn(4, 1.0, g, apply=apply))
+        assert torch.equal(y[1], x[1]) and torch.equal(y[3], x[3]), plan_fn.__name__  # not chosen: untouched
+        assert not torch.equal(y[0], x[0]), plan_fn.__name__

@@ -1,5 +1,5 @@
 """cache.py: prepare (good and bad files, resume, version hash, workers), PretrainDataset, StepSampler, collate,
-and the `prepare` CLI.
+and the `prepare` CLI (datalist paths relative to the JSON, the hippocampus folder without its label maps).
 
 Everything runs on small volumes written into tmp_path; tests that read the real volumes in ../shared/data are
 marked `requires_shared`. Nothing is copied into the repo.
@@ -10,13 +10,15 @@ import os
 import subprocess
 import sys
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import cache
+import data
 import phantoms
-from conftest import DATA, ROOT, requires_shared
+from conftest import DATA, ROOT, requires_shared, run_here
 from test_data import _bad_files, phantom, save_nii
 
 HIPPO = DATA / "msd_hippocampus"
@@ -365,3 +367,39 @@ def test_cli_prepare(tmp_path):
                         str(tmp_path / "cache"), "--workers", "1"], capture_output=True, text=True)
     assert r.returncode == 0 and "broken.nii.gz" in r.stderr, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["entries"] == 2
+
+
+# ---- what prepare reads from a datalist or a dataset folder --------------------------------------------------------
+
+def test_datalist_paths_are_read_relative_to_the_json_then_prepare_fails_when_nothing_usable(tmp_path):
+    """A datalist's relative paths are read relative to the JSON's folder whatever the current folder, and
+    prepare fails when it wrote nothing usable."""
+    vols = tmp_path / "vols"
+    vols.mkdir()
+    for i in range(2):
+        nib.save(nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4)), vols / f"v{i}.nii.gz")
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "list.json").write_text(json.dumps([{"image": f"../../vols/v{i}.nii.gz"} for i in range(2)]))
+    p = run_here(ROOT / "cache.py", "prepare", "--datalist", "sub/list.json", "--out", "cache", "--min_axis_size=8",
+                 cwd=work)
+    assert p.returncode == 0, p.stderr
+    assert len(cache.load_index(work / "cache")["entries"]) == 2
+    (work / "bad.json").write_text(json.dumps([{"image": "missing.nii.gz"}]))
+    p = run_here(ROOT / "cache.py", "prepare", "--datalist", "bad.json", "--out", "cache2", cwd=work)
+    assert p.returncode == 1 and "holds no usable volume" in p.stderr
+
+
+@requires_shared
+def test_hippocampus_folder_pretrains_on_its_200_images_only(tmp_path):
+    from conftest import DATA
+
+    hip = DATA / "msd_hippocampus"
+    sources = [s["image"] for s in data.pretrain_sources(hip)]
+    assert len(sources) == 200 and all("/images/" in s for s in sources)  # not the 200 label maps
+    p = run_here(ROOT / "cache.py", "prepare", "--datalist", hip, "--out", tmp_path / "cache", "--workers=1",
+                 "--min_axis_size=8")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "skipped 200 label maps" in p.stderr and "under labels/" in p.stderr
+    entries = cache.load_index(tmp_path / "cache")["entries"]
+    assert len(entries) == 200 and not [e for e in entries if "/labels/" in e["source"]]

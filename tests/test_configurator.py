@@ -1,10 +1,12 @@
 """configurator.py: files and --key=value override a script's defaults in order, with type rules and errors
-that name the offending key (and file)."""
+that name the offending key (and file); the scripts' --help lists the keys with their comments, and a zero
+interval or count is an input error before any work."""
 import math
 import os
 
 import pytest
 
+from conftest import ROOT, TINY_PRETRAIN, assert_input_error, run_here
 from configurator import ConfigError, configure
 
 
@@ -141,3 +143,28 @@ def test_missing_file_and_bare_flag_are_errors(tmp_path):
         configure(defaults(), [missing])
     with pytest.raises(ConfigError, match="--compile=True"):
         configure(defaults(), ["--compile"])
+
+
+# ---- the scripts' use of it: --help, values checked before any work ------------------------------------------------
+
+def test_help_lists_the_keys_with_their_comments():
+    for name in ("pretrain.py", "finetune_seg.py", "linear_probe.py"):
+        p = run_here(ROOT / name, "--help")
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "config keys" in p.stdout and "out_dir = " in p.stdout and "threads = 0  # torch CPU threads" in p.stdout
+
+
+@pytest.mark.parametrize("argv, key", [
+    (["pretrain.py", *TINY_PRETRAIN], "log_interval"),
+    (["pretrain.py", *TINY_PRETRAIN], "ckpt_interval"),
+    (["pretrain.py", *TINY_PRETRAIN], "export_interval"),
+    (["finetune_seg.py", "configs/seg_synthetic.py"], "eval_interval"),
+    (["finetune_seg.py", "configs/seg_synthetic.py"], "log_interval"),
+    (["linear_probe.py", "configs/probe_synthetic.py"], "eval_interval"),
+    (["linear_probe.py", "configs/probe_synthetic.py"], "n_runs"),
+])
+def test_zero_intervals_and_counts_are_input_errors(tmp_path, argv, key):
+    """Each used to crash after the set-up (ZeroDivisionError; the probe's n_runs=0: 'need at least one array')."""
+    p = run_here(ROOT / argv[0], *argv[1:], "--max_iters=2", f"--{key}=0", f"--out_dir={tmp_path / 'run'}")
+    assert_input_error(p, f"{key} must be a positive int, got 0")
+    assert not (tmp_path / "run").exists()  # refused before any work: nothing written

@@ -1,6 +1,7 @@
 """Every script behaves alike: --threads everywhere, input errors as one `error: ...` line naming the file (no
 traceback) in data.py's CLI, visualize.py and evaluate.py too, a warning for reduced precision on CPU, and clear
-errors for a missing data folder, an all-NaN image and a broken orientation matrix."""
+errors for a missing data folder, an all-NaN image and a broken orientation matrix. visualize.py and evaluate.py
+run once each in a new interpreter (`script`); the other runs are in the test process (conftest.run_here)."""
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 import data
 import model
-from conftest import ROOT
+from conftest import ROOT, run_here
 
 TINY_PRETRAIN = ["--embed_dim=32", "--depth=4", "--num_heads=2", "--patch_size=8", "--global_crops_size=16",
                  "--local_crops_size=8", "--n_local_crops=2", "--head_n_prototypes=64", "--head_hidden_dim=32",
@@ -56,11 +57,11 @@ def test_a_singular_orientation_matrix_is_named(tmp_path, srow_x):
 def test_data_cli_takes_threads_and_prints_input_errors_alone(tmp_path):
     good = tmp_path / "good.nii.gz"
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8)).astype(np.float32), np.eye(4)), good)
-    p = script(ROOT / "data.py", "show", good, "--threads=1")
+    p = run_here(ROOT / "data.py", "show", good, "--threads=1")
     assert p.returncode == 0 and "(C, H, W, D) = [1, 8, 8, 8]" in p.stdout, p.stderr[-2000:]
     (tmp_path / "bad.json").write_text('{"train": []}')  # item lists under a name nobody reads
-    p = script(ROOT / "cache.py", "prepare", "--datalist", tmp_path / "bad.json", "--out", tmp_path / "cache",
-               "--threads=1")
+    p = run_here(ROOT / "cache.py", "prepare", "--datalist", tmp_path / "bad.json", "--out", tmp_path / "cache",
+                 "--threads=1")
     assert_input_error(p, str(tmp_path / "bad.json"), "item lists under ['train']")
 
 
@@ -79,7 +80,8 @@ def test_visualize_takes_threads_and_names_bad_images(tmp_path, export):
     p = script(ROOT / "visualize.py", "--ckpt", export, "--image", nan, "--out", tmp_path / "vis", "--threads=1")
     assert_input_error(p, f"{nan}: frame 0 has no finite voxel")  # before: ValueError traceback "no finite voxels"
     broken = broken_orientation(tmp_path / "broken.nii.gz", [0, 0, 0, 0])
-    p = script(ROOT / "visualize.py", "--ckpt", export, "--image", broken, "--out", tmp_path / "vis", "--threads=1")
+    p = run_here(ROOT / "visualize.py", "--ckpt", export, "--image", broken, "--out", tmp_path / "vis",
+                 "--threads=1")
     assert_input_error(p, f"{broken}: singular orientation matrix")
 
 
@@ -91,8 +93,8 @@ def test_evaluate_takes_threads(tmp_path):
 def test_pretrain_names_a_missing_data_folder(tmp_path):
     """Before: 10 'file not found' retries in the data loader, then a RuntimeError traceback."""
     missing = tmp_path / "no_such_folder"
-    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=1", f"--data_path={missing}",
-               f"--out_dir={tmp_path / 'run'}")
+    p = run_here(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=1", f"--data_path={missing}",
+                 f"--out_dir={tmp_path / 'run'}")
     assert_input_error(p, f"data_path {missing}: no such file or folder")
     assert not (tmp_path / "run").exists()  # refused before anything is written
 
@@ -103,8 +105,8 @@ def test_pretrain_names_a_missing_data_folder(tmp_path):
 ])
 def test_reduced_precision_on_cpu_warns(tmp_path, what, args):
     """The warning comes with the device set-up, before the data: a missing datalist then stops the run."""
-    p = script(ROOT / what, *args, "--device=cpu", "--threads=1", f"--datalist={tmp_path / 'none.json'}",
-               f"--out_dir={tmp_path / 'run'}")
+    p = run_here(ROOT / what, *args, "--device=cpu", "--threads=1", f"--datalist={tmp_path / 'none.json'}",
+                 f"--out_dir={tmp_path / 'run'}")
     assert p.returncode == 1, p.stderr[-2000:]
     assert "warning: dtype=bfloat16 on CPU" in p.stdout and "slower than --dtype=float32" in p.stdout, p.stdout
 

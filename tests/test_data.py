@@ -1,4 +1,5 @@
-"""data.py: reading, preprocessing, datalists, load_case, the way back to the file grid, the `show` CLI.
+"""data.py: reading, preprocessing, datalists, load_case, the way back to the file grid, the `show` CLI, and the
+files a user hands in: malformed datalists, a zero voxel spacing, same-named cases, label maps in a dataset folder.
 
 Everything runs on small volumes written into tmp_path or shipped with nibabel; tests that read the real volumes
 in ../shared/data are marked `requires_shared`. Nothing is copied into the repo.
@@ -16,7 +17,7 @@ from nibabel.testing import data_path as NIB_DATA
 
 import data
 import metrics
-from conftest import DATA, ROOT, requires_shared
+from conftest import DATA, ROOT, requires_shared, run_here
 
 HIPPO = DATA / "msd_hippocampus"
 
@@ -370,3 +371,88 @@ def test_cli_show(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "data.py"), "show", str(tmp_path / "v0.nii.gz")],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "[1, 40, 40, 32]" in r.stdout and "RAS" in r.stdout
+
+
+# ---- files and datalists a user hands in ---------------------------------------------------------------------------
+
+def test_cases_with_the_same_file_name_get_distinct_names():
+    items = [{"image": "/a/x/case1.nii.gz"}, {"image": "/a/y/case1.nii.gz"}, {"image": "/a/case2.nii.gz"}]
+    data.unique_names(items)
+    names = [data.case_name(it) for it in items]
+    assert names == ["x_case1", "y_case1", "case2"]
+    items = [{"image": "/a/x/c.nii.gz"}, {"image": "/b/x/c.nii.gz"}]  # same folder name too: a number decides
+    data.unique_names(items)
+    assert len({data.case_name(it) for it in items}) == 2
+
+
+def test_zero_voxel_spacing_in_the_header_is_refused(tmp_path):
+    img = nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    img.header["pixdim"][1:4] = [0, 2, 2]
+    img.set_sform(None, code=0)
+    path = tmp_path / "zero.nii.gz"
+    nib.save(img, path)
+    assert nib.load(path).header.get_zooms()[0] == 1.0  # what nibabel makes of it, silently for its caller
+    for fn in (data.load_volume, data.describe_volume):
+        with pytest.raises(data.VolumeError, match="voxel spacing \\[0.0, 2.0, 2.0\\] in the header"):
+            fn(path)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"train": [], "val": []}, "item lists under ['train', 'val']"),
+    ({"training": "a string"}, '"training" must be a list of items'),
+    ({"training": [{"img": "a.nii.gz", "seg": "b.nii.gz"}]}, 'training[0] has no "image" key'),
+])
+def test_malformed_datalists(tmp_path, content, needle):
+    path = tmp_path / "dl.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(data.VolumeError, match=None) as e:
+        data.read_datalist(path)
+    assert needle in str(e.value) and str(path) in str(e.value)
+
+
+@requires_shared
+def test_data_show_names_the_files_own_orientation_and_fails_on_bad_files(tmp_path):
+    from conftest import DATA
+
+    good = DATA / "msd_hippocampus" / "images" / "hippocampus_003.nii.gz"
+    las = tmp_path / "las.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.rand(10, 10, 10).astype(np.float32), np.diag([-1.0, 1, 1, 1])), las)
+    nan = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((10, 10, 10), np.nan, np.float32), np.eye(4)), nan)
+    p = run_here(ROOT / "data.py", "show", good, las, nan)
+    assert "file orientation LAS" in p.stdout and "after reorienting to RAS" in p.stdout
+    assert f"{nan}: " in p.stdout and "no finite voxel" in p.stdout  # the listing goes on past it
+    assert p.returncode == 1
+
+
+def test_label_maps_are_not_pretraining_images(tmp_path, caplog):
+    """A dataset folder read recursively used to hand its label maps to pretraining as scans (hippocampus: 200
+    of 400 sources). Label folders, a dataset.json's label_dir and the labels it lists are skipped, with one
+    summary line on the `data` logger."""
+    vol = nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4))
+    for sub in ("imagesTr", "imagesTs", "labelsTr", "labelsTs", "extra/labels", "masks", "segs", "more"):
+        (tmp_path / sub).mkdir(parents=True)
+    for i in range(2):
+        nib.save(vol, tmp_path / "imagesTr" / f"c{i}.nii.gz")
+        nib.save(vol, tmp_path / "labelsTr" / f"c{i}.nii.gz")
+    nib.save(vol, tmp_path / "imagesTs" / "t.nii.gz")
+    nib.save(vol, tmp_path / "labelsTs" / "t.nii.gz")
+    nib.save(vol, tmp_path / "extra" / "labels" / "e.nii.gz")
+    nib.save(vol, tmp_path / "masks" / "m.nii.gz")  # the label_dir below
+    nib.save(vol, tmp_path / "segs" / "s.nii.gz")  # listed as a label below
+    nib.save(vol, tmp_path / "more" / "scan.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "label_dir": "masks", "training": [{"image": "more/scan.nii.gz", "label": "segs/s.nii.gz"}]}))
+    images = sorted(str(tmp_path / p) for p in ("imagesTr/c0.nii.gz", "imagesTr/c1.nii.gz", "imagesTs/t.nii.gz",
+                                                "more/scan.nii.gz"))
+    with caplog.at_level("INFO", logger="data"):
+        assert sorted(s["image"] for s in data.pretrain_sources(tmp_path)) == images
+    lines = [r.getMessage() for r in caplog.records if "label maps" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"skipped 6 label maps in {tmp_path}: ")
+    for part in ("2 under labelsTr/", "1 under labelsTs/", "1 under labels/", "1 under masks/ (label_dir of",
+                 "1 listed as labels in", "(label maps are never pretrained on)"):
+        assert part in lines[0], (part, lines[0])
+    # a glob gives the same images; pointing at a label folder itself still reads it
+    assert sorted(s["image"] for s in data.pretrain_sources(str(tmp_path / "**" / "*.nii.gz"))) == images
+    assert len(data.pretrain_sources(tmp_path / "labelsTr")) == 2

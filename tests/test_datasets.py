@@ -5,13 +5,11 @@ imagesTs, dataset.json) and on ../shared/data/msd_hippocampus (images/, labels/)
 """
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import DATA, ROOT, requires_shared
+from conftest import DATA, ROOT, requires_shared, run_here
 
 import data
 
@@ -106,15 +104,11 @@ def test_hippocampus_configs_load_their_datalists_from_a_data_root(msd_copy):
     assert [it["image"] for it in probe] == data.find_volumes(HIPPO / "images")
 
 
-@pytest.mark.slow
 def test_the_scripts_read_data_root(tmp_path):
     """finetune_seg.py and linear_probe.py hand `data_root` to the datalist reader: a wrong one is one line naming
     it, before any work."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for script, cfg in (("finetune_seg.py", "configs/seg_hippocampus.py"),
                         ("linear_probe.py", "configs/probe_hippocampus.py")):
-        p = subprocess.run([sys.executable, script, cfg, f"--data_root={tmp_path / 'nowhere'}",
-                            f"--out_dir={tmp_path / script}"], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=600)
+        p = run_here(script, cfg, f"--data_root={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / script}")
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
         assert f"error: {tmp_path / 'nowhere'}: data_root not found" in p.stderr, p.stderr[-2000:]

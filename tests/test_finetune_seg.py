@@ -1,6 +1,7 @@
 """finetune_seg.py end to end, run as the real script on synthetic phantoms stored as NIfTI: it learns and writes
 its results and predictions, resumes a killed run exactly, rejects bad datalists before training, runs any head with
-a config written for another, and runs under CPU bf16 autocast. (Its parts are tested where they live: the sliding
+a config written for another, runs under CPU bf16 autocast, and names bad cases and bad settings in one line
+without a traceback. (Its parts are tested where they live: the sliding
 window and head options in test_adapter.py, the Dice losses in test_losses.py, cases and the way back to the input
 grid in test_data.py, random init of a checkpoint's architecture in test_model.py.)"""
 import json
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, assert_input_error, run_here, script
 from test_model import _tiny_checkpoint
 
 import data
@@ -218,3 +219,37 @@ def test_grad_checkpoint_sets_with_cp_and_keeps_the_losses(tmp_path):
         losses[cp] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses[True]) == 3
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+# ---- input errors: named before training, without a traceback ------------------------------------------------------
+
+def test_constant_and_all_nan_cases_are_reported(tmp_path):
+    """finetune_seg.py reads every file whole before training: an all-NaN or truncated image is an error that
+    names the case (all of them in one message), a constant one a warning."""
+    ok = np.random.default_rng(0).random((12, 12, 12)).astype(np.float32)
+    for name, arr in (("ok", ok), ("const", np.full((12, 12, 12), 3.0, np.float32)),
+                      ("nan", np.full((12, 12, 12), np.nan, np.float32))):
+        nib.save(nib.Nifti1Image(arr, np.eye(4)), tmp_path / f"{name}.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((12, 12, 12), np.uint8), np.eye(4)), tmp_path / "lab.nii.gz")
+    (tmp_path / "cut.nii.gz").write_bytes((tmp_path / "ok.nii.gz").read_bytes()[:100])
+    items = [{"image": f"{n}.nii.gz", "label": "lab.nii.gz"} for n in ("ok", "const", "nan", "cut")]
+    (tmp_path / "dl.json").write_text(json.dumps({"training": items[:2], "validation": items[2:3], "test": items[3:]}))
+    p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--datalist={tmp_path / 'dl.json'}",
+                 f"--out_dir={tmp_path / 'run'}")
+    assert_input_error(p, "2 bad case(s)", "case nan:", "without a single finite voxel", "case cut:", "unreadable")
+    assert "warning: case const:" in p.stdout and "is constant" in p.stdout
+    assert "case ok" not in p.stderr
+
+
+def test_finetune_input_errors_print_the_message_alone(tmp_path):
+    (tmp_path / "empty.json").write_text(json.dumps({"training": [], "validation": [{"image": "x.nii.gz"}]}))
+    p = script(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--datalist={tmp_path / 'empty.json'}",
+               f"--out_dir={tmp_path / 'a'}")
+    assert_input_error(p, "no training cases")
+    for bad in ("--max_iters=0", "--max_iters=-5", "--max_iters=None"):
+        p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", bad, f"--out_dir={tmp_path / 'b'}")
+        assert_input_error(p, "max_iters must be a positive int")
+    if not torch.cuda.is_available():
+        p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", "--device=cuda",
+                     f"--out_dir={tmp_path / 'c'}")
+        assert_input_error(p, "torch sees no CUDA GPU")

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import DATA, ROOT, requires_shared
+from conftest import DATA, ROOT, requires_shared, run_here
 
 HIPPO = DATA / "msd_hippocampus"
 TINY_SEG = ["--num_classes=3", "--embed_dim=32", "--depth=4", "--num_heads=2", "--patch_size=8", "--crop_size=16",
@@ -62,7 +62,7 @@ def msd(tmp_path):
 @requires_shared
 def test_finetune_without_a_validation_list_says_how_to_get_one(msd, tmp_path):
     root, _, _ = msd
-    p = run(ROOT / "finetune_seg.py", *TINY_SEG, f"--datalist={root}", f"--out_dir={tmp_path / 'seg'}")
+    p = run_here(ROOT / "finetune_seg.py", *TINY_SEG, f"--datalist={root}", f"--out_dir={tmp_path / 'seg'}")
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert "no validation cases" in p.stderr and "--val_fraction=" in p.stderr, p.stderr[-2000:]
 

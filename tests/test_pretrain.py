@@ -1,5 +1,7 @@
 """pretrain.py end to end on a tiny model (a few steps each, run as the real script in a subprocess): the EMA
-rule, the frozen last layer, the parameter groups, kill-and-resume, DDP under torchrun, and high-res init."""
+rule, the frozen last layer, the parameter groups, kill-and-resume, DDP under torchrun, and high-res init; and its
+input errors (a data_path that is no cache, an unknown key, a resume with another architecture), each one line
+without a traceback."""
 import json
 import math
 import os
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import model
-from conftest import ROOT
+from conftest import ROOT, TINY_PRETRAIN, assert_input_error, run_here, script
 
 # a model small enough that a step takes a fraction of a second: 16^3 / 8^3 crops, patch 8 -> 8 / 1 tokens
 TINY = dict(embed_dim=32, depth=4, num_heads=2, patch_size=8, global_crops_size=16, local_crops_size=8,
@@ -259,3 +261,26 @@ def test_torch_compile_on_cpu_matches_eager_without_per_step_recompiles(tmp_path
     log = res.stderr
     assert "Graph break" not in log, log[-3000:]
     assert log.count("Recompiling function") <= 2, log[-3000:]
+
+
+# ---- input errors: named before any work, without a traceback ------------------------------------------------------
+
+@pytest.mark.slow
+def test_resume_with_a_changed_architecture_names_the_keys(tmp_path):
+    out = tmp_path / "run"
+    assert script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}").returncode == 0
+    p = run_here(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=4", f"--out_dir={out}", "--resume=True",
+                 "--depth=6", "--head_n_prototypes=128")
+    assert_input_error(p, "another architecture", "depth: checkpoint 4, now 6", "head_n_prototypes: checkpoint 64")
+    assert "size mismatch" not in p.stderr
+
+
+def test_pretrain_input_errors_print_the_message_alone(tmp_path):
+    (tmp_path / "list.json").write_text("{not json")
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--data_path={tmp_path / 'list.json'}",
+               f"--out_dir={tmp_path / 'a'}")
+    assert_input_error(p, str(tmp_path / "list.json"), "not a prepared cache", "python cache.py prepare")
+    p = script(ROOT / "cache.py", "prepare", "--datalist", tmp_path / "list.json", "--out", tmp_path / "c")
+    assert_input_error(p, str(tmp_path / "list.json"), "not a readable JSON datalist")
+    p = run_here(ROOT / "pretrain.py", "--max_iter=3", f"--out_dir={tmp_path / 'b'}")
+    assert_input_error(p, "unknown config key 'max_iter'", "did you mean 'max_iters'")

@@ -3,8 +3,11 @@
 configurator.hold_out_dir: the master process holds out_dir/.lock (flock, its pid and host inside) for the run's
 life; a second writer is refused naming them; a lock left by a killed run is taken over; torchrun workers die with
 their launcher. configurator.save_atomic: the one temp-file-and-rename save of every script; a full disk raises
-DiskFullError naming the file, keeps the previous file and removes the temp file."""
+DiskFullError naming the file, keeps the previous file and removes the temp file. configurator.check_out_dir: a
+folder that holds a run is refused unless resumed or overwritten, a resume needs a checkpoint, and a run that
+failed before its first step does not block its folder."""
 import errno
+import json
 import os
 import signal
 import socket
@@ -19,7 +22,7 @@ import pytest
 import torch
 
 import cache
-from conftest import ROOT
+from conftest import ROOT, TINY_PRETRAIN, assert_input_error, run_here, script
 from configurator import ConfigError, DiskFullError, hold_out_dir, save_atomic
 
 
@@ -90,8 +93,7 @@ def test_a_script_started_on_a_folder_in_use_is_refused(tmp_path, argv):
     out = tmp_path / "run"
     p = holder(out)
     try:
-        r = subprocess.run([sys.executable, *argv, f"--out_dir={out}", "--threads=1"], cwd=ROOT, text=True,
-                           capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        r = run_here(*argv, f"--out_dir={out}", "--threads=1")  # in this process: the holder is another one
     finally:
         p.kill()
         p.wait()
@@ -197,3 +199,84 @@ def test_every_script_saves_through_the_one_helper():
         src = (ROOT / name).read_text()
         assert "torch.save(" not in src and "os.replace(" not in src, name
         assert "save_atomic(" in src, name
+
+
+# ---- no run is lost or resumed by mistake (configurator.check_out_dir) ---------------------------------------------
+
+@pytest.mark.slow
+def test_a_second_run_into_a_used_out_dir_is_refused(tmp_path):
+    out = tmp_path / "run"
+    first = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}")
+    assert first.returncode == 0, first.stderr[-2000:]
+    log = (out / "log.jsonl").read_text()
+    ckpt_bytes = (out / "ckpt.pt").read_bytes()
+    again = run_here(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}")
+    assert_input_error(again, str(out), "already holds a run", "--resume=True", "--overwrite=True")
+    assert (out / "log.jsonl").read_text() == log and (out / "ckpt.pt").read_bytes() == ckpt_bytes  # untouched
+    # every log row carries the elapsed time and peak memory
+    rows = [json.loads(line) for line in log.splitlines()[1:]]
+    assert rows and all("elapsed_s" in r and r["peak_rss_mb"] > 0 for r in rows)
+    # on purpose: --overwrite=True replaces it
+    over = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=2", f"--out_dir={out}", "--overwrite=True")
+    assert over.returncode == 0, over.stderr[-2000:]
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(tmp_path):
+    p = run_here(ROOT / "pretrain.py", *TINY_PRETRAIN, f"--out_dir={tmp_path / 'none'}", "--resume=True")
+    assert_input_error(p, "resume=True but there is no checkpoint", str(tmp_path / "none" / "ckpt.pt"))
+    p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--out_dir={tmp_path / 'none'}",
+                 "--resume=True")
+    assert_input_error(p, "resume=True but there is no checkpoint")
+
+
+@pytest.mark.parametrize("argv", [["pretrain.py", *TINY_PRETRAIN], ["finetune_seg.py", "configs/seg_synthetic.py"],
+                                  ["linear_probe.py", "configs/probe_synthetic.py"]])
+def test_an_empty_out_dir_is_an_input_error(argv):
+    p = run_here(ROOT / argv[0], *argv[1:], "--out_dir=")  # used to end in FileNotFoundError: ''
+    assert_input_error(p, "out_dir is empty")
+
+
+def test_the_probe_does_not_advise_a_resume_it_lacks(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    p = script(ROOT / "linear_probe.py", "configs/probe_synthetic.py", f"--out_dir={tmp_path}")
+    assert_input_error(p, "already holds a run (results.json)", "--overwrite=True")
+    assert "resume" not in p.stderr
+
+
+def test_a_run_that_failed_before_its_first_step_does_not_block_its_folder(tmp_path, capsys):
+    """The guard used to refuse it and advise --resume=True, which then failed (no checkpoint)."""
+    from configurator import ConfigError, check_out_dir
+
+    files = ("log.jsonl", "ckpt.pt", "teacher_backbone.pt")
+    (tmp_path / "log.jsonl").write_text(json.dumps({"config": {}, "git_sha": None}) + "\n")
+    check_out_dir(str(tmp_path), False, False, files, "ckpt.pt")  # only the header: nothing to keep or resume
+    assert "failed before its first step; starting afresh" in capsys.readouterr().out
+    # a run that logged steps but saved no checkpoint is kept; the advice is --overwrite, not --resume
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 10, "loss": 9.0}) + "\n")
+    with pytest.raises(ConfigError) as e:
+        check_out_dir(str(tmp_path), False, False, files, "ckpt.pt")
+    assert "saved no checkpoint (ckpt.pt), so there is nothing to resume" in str(e.value)
+    assert "--overwrite=True" in str(e.value) and "--resume=True" not in str(e.value)
+    (tmp_path / "ckpt.pt").write_bytes(b"x")  # with a checkpoint, a resume is the first advice
+    with pytest.raises(ConfigError, match="continue it with --resume=True, replace it with --overwrite=True"):
+        check_out_dir(str(tmp_path), False, False, files, "ckpt.pt")
+
+
+@pytest.mark.slow
+def test_a_pretraining_that_failed_at_the_start_can_be_rerun_in_its_folder(tmp_path):
+    # a cache whose one volume file is damaged: the run starts (log.jsonl holds its config row), then fails
+    # reading its first batch, before step 1
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), np.eye(4)),
+             tmp_path / "v.nii.gz")
+    bad = tmp_path / "bad"
+    cache.prepare([str(tmp_path / "v.nii.gz")], bad, min_axis_size=8, workers=1, progress=False)
+    for f in bad.glob("*.npy"):
+        f.write_bytes(b"not an array")
+    out = tmp_path / "run"
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=1", f"--data_path={bad}", f"--out_dir={out}",
+               "--threads=1")
+    assert p.returncode != 0 and (out / "log.jsonl").is_file() and not (out / "ckpt.pt").exists()
+    p = script(ROOT / "pretrain.py", *TINY_PRETRAIN, "--max_iters=1", f"--out_dir={out}", "--threads=1")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (out / "ckpt.pt").is_file() and not (out / ".lock").exists()

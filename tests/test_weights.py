@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, assert_input_error, run_here
 
 import model
 
@@ -246,10 +246,8 @@ def test_a_damaged_file_stops_the_script_with_its_name(tmp_path):
     del sd["backbone.blocks.1.3.mlp.fc2.weight"]
     path = tmp_path / "3dino_vit_weights.pth"
     torch.save({"teacher": sd}, path)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={path}",
-                        f"--out_dir={tmp_path / 'seg'}", "--synthetic_cases=(2, 1, 1)",
-                        "--synthetic_shape=(32, 32, 32)", "--threads=1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    p = run_here("finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={path}", f"--out_dir={tmp_path / 'seg'}",
+                 "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)", "--threads=1")
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert f"error: {path} (backbone): checkpoint does not fit the model — missing keys ['blocks.3.mlp.fc2.weight']" \
         in p.stderr
@@ -272,3 +270,18 @@ def test_load_case_default_is_the_authors_intensity_mapping(tmp_path):
     assert got.shape == (1, *x.shape)
     np.testing.assert_allclose(got[0], expected, atol=1e-5)
     assert (got == -1).any() and (got == 1).any()  # the tails beyond the percentiles are clipped
+
+
+def test_checkpoint_errors_say_what_the_file_is(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(os.urandom(300))
+    with pytest.raises(model.CheckpointError, match="junk.pt: not a checkpoint") as e:
+        model.vit_from_checkpoint(junk)
+    assert "weights_only=False" not in str(e.value)  # torch's advice would unpickle an untrusted file
+    seg = tmp_path / "best.pt"
+    torch.save({"model": {"vit.pos_embed": torch.zeros(1), "decoder.w": torch.zeros(1)}, "iter": 3}, seg)
+    with pytest.raises(model.CheckpointError, match="no ViT backbone in it"):
+        model.vit_from_checkpoint(seg)
+    p = run_here(ROOT / "finetune_seg.py", "configs/seg_synthetic.py", f"--pretrained={junk}",
+                 f"--out_dir={tmp_path / 'a'}", "--synthetic_cases=(2, 1, 1)", "--synthetic_shape=(32, 32, 32)")
+    assert_input_error(p, "junk.pt: not a checkpoint")
