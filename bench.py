@@ -552,25 +552,26 @@ SAMPLE_FLOPS_VITL = 1.5e12  # one sample's training FLOPs (fwd + bwd) at the pap
 
 
 def prepare_phantom_cache(out, n, shape):
-    """n phantoms (data.SyntheticVolumes) written as int16 .nii.gz, as CT files are stored, then `data.prepare`d
-    into the cache folder `out`, as a real dataset would be. Returns the index."""
+    """n phantoms (phantoms.SyntheticVolumes) written as int16 .nii.gz, as CT files are stored, then prepared
+    (`cache.prepare`) into the cache folder `out`, as a real dataset would be. Returns the index."""
     import os
 
     import nibabel as nib
     import numpy as np
 
-    import data
+    from cache import load_index, prepare
+    from phantoms import SyntheticVolumes
 
     raw = os.path.join(out, "nifti")
     os.makedirs(raw, exist_ok=True)
-    vols = data.SyntheticVolumes(n, tuple(shape), seed=0)
+    vols = SyntheticVolumes(n, tuple(shape), seed=0)
     for i in range(n):
         path = os.path.join(raw, f"phantom_{i:03d}.nii.gz")
         if not os.path.exists(path):
             vol = vols[i]["image"][0].numpy()  # (H, W, D) in [-1, 1]
             nib.save(nib.Nifti1Image(np.rint(vol * 1000).astype(np.int16), np.diag([0.8, 0.8, 2.0, 1.0])), path)
-    data.prepare(raw, out, workers=min(8, os.cpu_count() or 1), progress=False)
-    return data.load_index(out)
+    prepare(raw, out, workers=min(8, os.cpu_count() or 1), progress=False)
+    return load_index(out)
 
 
 def bench_input(args, rest):
@@ -580,14 +581,13 @@ def bench_input(args, rest):
     one worker = one core, warm page cache, at the ViT-L crops (2 x 96^3 + 8 x 48^3) and at the demo's
     (2 x 48^3 + 4 x 24^3); then the workers per GPU that a step at 40% MFU needs.
 
-    The cache: --data_path DIR (a prepared cache, e.g. real volumes from `python data.py prepare`), else --volumes
+    The cache: --data_path DIR (a prepared cache, e.g. real volumes from `python cache.py prepare`), else --volumes
     phantoms of --shape written as .nii.gz and prepared into --out (kept, for `bench.py step --data_path=...`) or
     a temporary folder."""
     import math
-    import os
     import tempfile
 
-    import data
+    from cache import PretrainDataset, load_index
 
     p = argparse.ArgumentParser(prog="bench.py input")
     p.add_argument("--data_path", default=None, help="an existing prepared cache folder")
@@ -603,14 +603,14 @@ def bench_input(args, rest):
         t0 = time.perf_counter()
         prepare_phantom_cache(cache, opt.volumes, opt.shape)
         print(f"prepared {opt.volumes} phantoms {opt.shape} into {cache} in {time.perf_counter() - t0:.0f} s")
-    index = data.load_index(cache)
+    index = load_index(cache)
     shapes = [e["shape"] for e in index["entries"]]
     print(f"cache {cache}: {len(shapes)} volumes, e.g. {shapes[0]} (float16 .npy, memory-mapped)")
     iters = args.iters or 50
     res = {"cache": cache, "volumes": len(shapes)}
     print(f"\n{'crops per sample':<34}{'ms/sample':>10}{'samples/s per worker':>22}{'MB read':>9}")
     for name, S, s, n_local in (("vitl", 96, 48, 8), ("demo", 48, 24, 4)):
-        ds = data.PretrainDataset(cache, global_crops_size=S, local_crops_size=s, n_local=n_local, seed=0)
+        ds = PretrainDataset(cache, global_crops_size=S, local_crops_size=s, n_local=n_local, seed=0)
         for k in range(3):  # warm-up: page cache, first mmaps
             ds[k]
         passes = []  # the same samples 3 times, the fastest pass: the machine's other load only slows a pass down
@@ -753,7 +753,7 @@ def bench_finetune_memory(args, rest):
             if cuda:  # the real step: forward + backward, its time and the allocator's peak
                 ctx = torch.autocast("cuda", dtype=getattr(torch, dt), enabled=dt != "float32")
 
-                def step():
+                def step(net=net):
                     with ctx:
                         loss = net(x).float().square().mean()
                     loss.backward()

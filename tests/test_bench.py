@@ -97,3 +97,16 @@ def test_saved_bytes_by_group_sees_checkpointing_drop_the_frozen_blocks():
     assert plain["vit_blocks"] > 0 and "vit_blocks" not in cp and cp["checkpoint_inputs"] > 0
     assert plain["spm"] == cp["spm"]  # not checkpointed: the same tensors
     assert sum(cp.values()) < sum(plain.values())
+
+
+def test_input_bench_prepares_phantoms_and_reads_their_boxes(tmp_path, capsys):
+    """bench.py input: phantoms written as NIfTI, prepared into a cache, crop boxes read back at both crop sets."""
+    import argparse
+    import json
+
+    index = bench.prepare_phantom_cache(str(tmp_path), 1, (40, 40, 32))
+    assert len(index["entries"]) == 1
+    res = bench.bench_input(argparse.Namespace(iters=2), ["--data_path", str(tmp_path)])
+    assert res["volumes"] == 1 and res["vitl_samples_per_s_per_worker"] > 0 and res["demo_samples_per_s_per_worker"] > 0
+    assert res["workers_per_gpu_needed"] > 0
+    json.dumps(res)  # the one JSON line
