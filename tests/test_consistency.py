@@ -2,10 +2,6 @@
 traceback) in data.py's CLI, visualize.py and evaluate.py too, a warning for reduced precision on CPU, and clear
 errors for a missing data folder, an all-NaN image and a broken orientation matrix. visualize.py and evaluate.py
 run once each in a new interpreter (`script`); the other runs are in the test process (conftest.run_here)."""
-import os
-import subprocess
-import sys
-
 import nibabel as nib
 import numpy as np
 import pytest
@@ -13,26 +9,16 @@ import torch
 
 import data
 import model
-from conftest import ROOT, run_here
+import conftest
+from conftest import ROOT, run_here, script
 
-TINY_PRETRAIN = ["--embed_dim=32", "--depth=4", "--num_heads=2", "--patch_size=8", "--global_crops_size=16",
-                 "--local_crops_size=8", "--n_local_crops=2", "--head_n_prototypes=64", "--head_hidden_dim=32",
-                 "--head_bottleneck_dim=16", "--batch_size=4", "--num_workers=0", "--min_axis_size=8",
-                 "--warmup_iters=1", "--warmup_teacher_temp_iters=1", "--freeze_last_layer_iters=0", "--threads=1"]
-
-
-def script(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+TINY_PRETRAIN = [*conftest.TINY_PRETRAIN, "--threads=1"]
 
 
 def assert_input_error(p, *needles):
-    assert p.returncode == 1, (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
-    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    """conftest's check (exit code 1, each needle on stderr, no traceback), and the message is the last line."""
+    conftest.assert_input_error(p, *needles)
     assert p.stderr.strip().splitlines()[-1].startswith("error: "), p.stderr[-2000:]
-    for n in needles:
-        assert n in p.stderr, (n, p.stderr[-2000:])
 
 
 def broken_orientation(path, srow_x):
