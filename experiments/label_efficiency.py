@@ -52,7 +52,7 @@ PROTOCOLS = {  # name -> (what, finetune_seg.py options on top of configs/seg_hi
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 p.add_argument("--out", default="out/label_efficiency")
 p.add_argument("--data_root", default="data/Task04_Hippocampus",
-               help="the MSD Task04_Hippocampus folder (docs/datasets.md); here: ../shared/data/msd_hippocampus")
+               help="the MSD Task04_Hippocampus folder (docs/datasets.md)")
 p.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
 p.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS),
                help="segmentation protocols to run, a subset of %(choices)s (default: all three)")

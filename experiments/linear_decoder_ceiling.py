@@ -29,7 +29,7 @@ import metrics  # noqa: E402
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--datalist", default=os.path.join(ROOT, "data_splits/msd_hippocampus.json"))
 ap.add_argument("--data_root", default="data/Task04_Hippocampus",
-                help="the MSD Task04_Hippocampus folder (docs/datasets.md); here: ../shared/data/msd_hippocampus")
+                help="the MSD Task04_Hippocampus folder (docs/datasets.md)")
 ap.add_argument("--num_classes", type=int, default=3)
 ap.add_argument("--patch", type=int, default=8)
 ap.add_argument("--spacings", type=float, nargs="+", default=[1.0, 0.5], help="isotropic target spacings (mm)")
