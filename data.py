@@ -599,6 +599,22 @@ def case_name(item) -> str:
     return next((base[: -len(s)] for s in VOLUME_SUFFIXES if base.lower().endswith(s)), base)
 
 
+def cases_in_two_lists(dl: dict) -> list[str]:
+    """A warning for each case (same image file, links resolved) listed in two of a datalist's splits: its score
+    in the later split is not held out. Items whose image is an array (phantoms) are distinct by construction."""
+    seen, warnings = {}, []  # image paths -> the first split that lists them
+    for split in SPLITS:
+        for item in dl.get(split, []):
+            if not isinstance(item["image"], (str, list)):
+                continue
+            key = tuple(os.path.realpath(p) for p in (item["image"] if isinstance(item["image"], list)
+                                                      else [item["image"]]))
+            if seen.setdefault(key, split) != split:
+                warnings.append(f"warning: case {case_name(item)} ({key[0]}) is in both the {seen[key]} and the "
+                                f"{split} list: its {split} score is not held out")
+    return warnings
+
+
 def unique_names(items: list) -> None:
     """Give every item a distinct "name" in place (prediction files and results rows are keyed by it): cases whose
     files share a name (in different folders) get their folder's name in front, then a number if still equal."""

@@ -344,16 +344,8 @@ elif val_fraction > 0:
 if not dl["validation"]:
     raise ConfigError(f"{datalist}: no validation cases (the best checkpoint is chosen on them): hold out some "
                       "training cases with --val_fraction=0.2, or add a \"validation\" list")
-seen = {}  # image path -> split: a case in two splits has no held-out score
-for split in data.SPLITS:
-    for item in dl[split]:
-        if isinstance(item["image"], (str, list)):  # phantoms are arrays, distinct by construction
-            key = tuple(os.path.realpath(p) for p in (item["image"] if isinstance(item["image"], list)
-                                                      else [item["image"]]))
-            if seen.get(key, split) != split and master_process:
-                print(f"warning: case {data.case_name(item)} ({key[0]}) is in both the {seen[key]} and the {split} "
-                      f"list: its {split} score is not held out")
-            seen.setdefault(key, split)
+for w in data.cases_in_two_lists(dl) if master_process else ():
+    print(w)
 if not dl["test"]:
     print(f"{datalist}: no test split; the test pass reports the validation cases")
     dl["test"] = dl["validation"]

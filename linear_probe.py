@@ -175,15 +175,8 @@ if datalist:
             print(f"{datalist}: {len(unlabelled)} unlabelled case(s) of the {name} list left out "
                   f"(e.g. {case_name(unlabelled[0])})")
             dl[name] = [item for item in items if item.get("label") is not None]
-    seen = {}  # image path -> list: a case in two lists has no held-out score
-    for name, items in dl.items():
-        for item in items:
-            key = tuple(os.path.realpath(p) for p in (item["image"] if isinstance(item["image"], list)
-                                                      else [item["image"]]))
-            if seen.get(key, name) != name:
-                print(f"warning: case {case_name(item)} ({key[0]}) is in both the {seen[key]} and the {name} "
-                      f"list: its {name} score is not held out")
-            seen.setdefault(key, name)
+    for w in data.cases_in_two_lists(dl):
+        print(w)
     cases = dl["training"] + dl["validation"] + dl["test"]
     listed = [np.arange(len(dl["training"])), len(dl["training"]) + np.arange(len(dl["validation"])),
               len(dl["training"]) + len(dl["validation"]) + np.arange(len(dl["test"]))]
